@@ -1,0 +1,73 @@
+"""Settings from the environment, in one place.
+
+Every variable has a default that works for the embedded platform (`make up`); `.env.example`
+lists them all. `MLFLOW_TRACKING_URI` is MLflow's own variable; here it only decides where every
+command points MLflow (default: the embedded platform's server). Other MLFLOW_* variables, such
+as credentials, are read by MLflow itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of every hm-mlflow process. Field `x` is read from `HM_X`."""
+
+    model_config = SettingsConfigDict(env_prefix="HM_", extra="ignore", populate_by_name=True)
+
+    # MLflow: a server URL or a sqlite:/// file; unset means the embedded platform's server
+    mlflow_tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
+
+    # Registry
+    model_name: str = "chest-xray-pneumonia"
+    model_alias: str = "production"
+    experiment: str = "chest-xray"
+
+    # Data and local state
+    data_dir: Path = Path("source/chest_xray")
+    state_dir: Path = Path(".state")
+
+    # Embedded platform: where `hm-mlflow up` runs its two servers
+    mlflow_host: str = "127.0.0.1"
+    mlflow_port: int = 5000
+    webapp_host: str = "127.0.0.1"
+    webapp_port: int = 8080
+
+    # Training
+    cv_folds: int = Field(5, ge=2)
+    seed: int = 42
+    workers: int = Field(0, ge=0, description="feature extraction processes; 0 = one per core")
+    promotion_margin: float = Field(0.0, ge=0.0)
+    promotion_metric: str = "roc_auc"
+    sample_size: int = Field(240, ge=40, description="training images in the synthetic sample set")
+
+    # Webapp
+    refresh_seconds: float = Field(30.0, gt=0)
+    max_upload_mb: float = Field(20.0, gt=0)
+
+    @property
+    def tracking_uri(self) -> str:
+        """`MLFLOW_TRACKING_URI` if set, else the embedded platform's server."""
+        return self.mlflow_tracking_uri or f"http://{self.mlflow_host}:{self.mlflow_port}"
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model_name}@{self.model_alias}"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+def get_settings() -> Settings:
+    """Fresh settings from the current environment."""
+    return Settings()
