@@ -1,0 +1,78 @@
+"""Log a fitted estimator as a self-contained MLflow model that takes image bytes."""
+
+from __future__ import annotations
+
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import cv2
+import mlflow
+import numpy as np
+import pandas as pd
+import skops.io
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+from hm_mlflow import LABELS, features
+from hm_mlflow.synthetic import make_film
+
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+FEATURES_CODE = Path(features.__file__)
+# What a model needs to predict, pinned to the versions it was trained with.
+RUNTIME_PACKAGES = (
+    "mlflow-skinny",
+    "numpy",
+    "opencv-python-headless",
+    "pandas",
+    "pillow",
+    "scikit-learn",
+    "skops",
+)
+
+
+def signature(threshold: float) -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]),
+        params=ParamSchema([ParamSpec("threshold", "double", threshold)]),
+    )
+
+
+def input_example() -> pd.DataFrame:
+    """A small synthetic film: shows the input format without shipping patient data."""
+    film = cv2.imdecode(
+        np.frombuffer(make_film(seed=7, pneumonia=True), np.uint8), cv2.IMREAD_GRAYSCALE
+    )
+    scale = features.CANVAS / min(film.shape)
+    small = cv2.resize(film, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return pd.DataFrame({"image": [cv2.imencode(".png", small)[1].tobytes()]})
+
+
+def log_model(
+    estimator, threshold: float, config: dict, registered_model_name: str | None = None
+) -> ModelInfo:
+    """Log `estimator` with this package's features.py and model code, in the active run.
+
+    `config` (training date, data digest, synthetic flag, ...) is stored in the model beside the
+    threshold and labels, so whoever serves the model can show where it came from.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        estimator_path = Path(tmp) / "estimator.skops"
+        skops.io.dump(estimator, estimator_path)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts={"features": str(FEATURES_CODE), "estimator": str(estimator_path)},
+            model_config={
+                **config,
+                "threshold": float(threshold),
+                "labels": list(LABELS),
+                "feature_version": features.FEATURE_VERSION,
+            },
+            signature=signature(threshold),
+            input_example=input_example(),
+            pip_requirements=[f"{name}=={version(name)}" for name in RUNTIME_PACKAGES],
+            registered_model_name=registered_model_name,
+        )

@@ -1,0 +1,90 @@
+"""The model registry: the Production alias and the promotion gate in front of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from hm_mlflow.metrics import is_number
+
+_NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a candidate version takes the alias, and why, in words a reviewer can read."""
+
+    promote: bool
+    reason: str
+
+
+def decide(
+    candidate: dict | None,
+    incumbent: dict | None,
+    *,
+    metric: str,
+    margin: float,
+    incumbent_version: str | None,
+    force: bool = False,
+    incumbent_error: str | None = None,
+) -> Decision:
+    """The promotion gate. `candidate` and `incumbent` are `binary_metrics` of both models on
+    the same held-out images; `incumbent_version` is None when nothing holds the alias yet."""
+    if force:
+        return Decision(True, "forced (--force)")
+    if incumbent_version is None:
+        return Decision(True, "no version held the alias yet")
+    if incumbent_error:
+        return Decision(
+            True, f"version {incumbent_version} could not be evaluated: {incumbent_error}"
+        )
+    if candidate is None or not is_number(candidate.get(metric)):
+        return Decision(False, f"no held-out split to compare {metric} on; --force overrides")
+    new, old = candidate[metric], incumbent[metric] if incumbent else None
+    if not is_number(old):
+        return Decision(True, f"version {incumbent_version} has no {metric} on the same data")
+    where = f"on {candidate['n']} held-out images"
+    if new > old + margin:
+        return Decision(
+            True,
+            f"{metric} {new:.4f} beats version {incumbent_version}'s {old:.4f} "
+            f"by more than the margin {margin:g} {where}",
+        )
+    return Decision(
+        False,
+        f"{metric} {new:.4f} does not beat version {incumbent_version}'s "
+        f"{old:.4f} by more than the margin {margin:g} {where}",
+    )
+
+
+class Registry:
+    """One registered model and the alias that marks its Production version."""
+
+    def __init__(self, name: str, alias: str, client: MlflowClient | None = None) -> None:
+        self.name = name
+        self.alias = alias
+        self.client = client or MlflowClient()
+
+    def production(self) -> ModelVersion | None:
+        """The version holding the alias, or None when there is none (or no such model)."""
+        try:
+            return self.client.get_model_version_by_alias(self.name, self.alias)
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                return None
+            raise
+
+    def record(self, version: str, decision: Decision) -> None:
+        """Tag the version with the gate's decision; move the alias if it was promoted."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        self.client.set_model_version_tag(
+            self.name, version, "promotion.decision", "promoted" if decision.promote else "rejected"
+        )
+        self.client.set_model_version_tag(self.name, version, "promotion.reason", decision.reason)
+        self.client.set_model_version_tag(self.name, version, "promotion.decided_at", now)
+        if decision.promote:
+            self.client.set_registered_model_alias(self.name, self.alias, version)

@@ -1,0 +1,238 @@
+"""One training run, end to end, logged to MLflow: the function behind `hm-mlflow train`.
+
+features -> grouped cross-validation -> threshold -> final fit -> logged model -> held-out
+evaluation through the logged model -> registered version -> promotion gate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+import mlflow
+import numpy as np
+from joblib import Parallel, delayed
+from tqdm import tqdm
+
+from hm_mlflow import features, modeling, plots
+from hm_mlflow.config import Settings
+from hm_mlflow.dataset import (
+    Sample,
+    is_synthetic,
+    list_split,
+    manifest,
+    require_split,
+    synthetic_info,
+)
+from hm_mlflow.evaluate import evaluate_model
+from hm_mlflow.metrics import METRIC_NAMES, binary_metrics
+from hm_mlflow.packaging import log_model
+from hm_mlflow.registry import Decision, Registry, decide
+from hm_mlflow.tracking import require_server
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_SPLITS = ("val", "test")
+_BATCH = 32
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    version: str
+    decision: Decision
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _extract_batch(samples: list[Sample]) -> tuple[np.ndarray, list[str]]:
+    cv2.setNumThreads(1)  # one process per core already
+    vectors, digests = [], []
+    for sample in samples:
+        data = sample.read_bytes()
+        vectors.append(features.extract(data))
+        digests.append(hashlib.sha256(data).hexdigest())
+    return np.stack(vectors), digests
+
+
+def extract_features(
+    samples: list[Sample], n_jobs: int, progress: bool = True
+) -> tuple[np.ndarray, list[str]]:
+    """Feature matrix and content hashes of `samples`, in order, over `n_jobs` processes."""
+    batches = [samples[i : i + _BATCH] for i in range(0, len(samples), _BATCH)]
+    results = Parallel(n_jobs=n_jobs, return_as="generator")(
+        delayed(_extract_batch)(batch) for batch in batches
+    )
+    matrices, digests = [], []
+    with tqdm(total=len(samples), desc="features", unit="img", disable=not progress) as bar:
+        for matrix, batch_digests in results:
+            matrices.append(matrix)
+            digests += batch_digests
+            bar.update(len(batch_digests))
+    return np.concatenate(matrices), digests
+
+
+def gate_split(data_root: Path) -> str | None:
+    """The split both candidate and Production are judged on: `test`, else `val`."""
+    return next((s for s in ("test", "val") if list_split(data_root, s)), None)
+
+
+def train(
+    data_root: str | Path,
+    settings: Settings,
+    *,
+    force: bool = False,
+    promote: bool = True,
+    params: dict | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on `data_root/train`, log the run, register a version and run the promotion gate."""
+    data_root = Path(data_root)
+    samples = require_split(data_root, "train")
+    y = np.array([s.label for s in samples])
+    groups = np.array([s.patient for s in samples])
+    if len(np.unique(y)) < 2:
+        raise ValueError(
+            f"{data_root}/train holds only one class; both NORMAL and PNEUMONIA are needed"
+        )
+    params = {**modeling.DEFAULT_PARAMS, **(params or {})}
+
+    require_server(settings.tracking_uri)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_experiment(settings.experiment)
+    X, digests = extract_features(samples, settings.n_workers, progress)
+    synthetic = is_synthetic(data_root)
+
+    with mlflow.start_run() as run:
+        started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
+        table = manifest(samples, data_root, digests)
+        with warnings.catch_warnings():  # MLflow registers the local file source twice
+            warnings.filterwarnings("ignore", message="The specified dataset source")
+            dataset = mlflow.data.from_pandas(
+                table, source=str(data_root.resolve()), name=data_root.name, targets="label"
+            )
+        mlflow.log_input(dataset, context="training")
+        mlflow.log_table(table, "data/train_manifest.json")
+        mlflow.set_tags({"hm.synthetic": str(synthetic).lower(), "hm.data_root": str(data_root)})
+        if synthetic:
+            mlflow.set_tag("hm.synthetic_generator", str(synthetic_info(data_root)))
+        mlflow.log_params(
+            {
+                **{f"model.{k}": v for k, v in params.items()},
+                "model.estimator": "scaler + balanced logistic regression, sigmoid-calibrated",
+                "cv.folds": settings.cv_folds,
+                "cv.grouping": "patient",
+                "seed": settings.seed,
+                "features.version": features.FEATURE_VERSION,
+                "features.n": X.shape[1],
+                "features.canvas": features.CANVAS,
+                "data.n_images": len(samples),
+                "data.n_patients": len(set(groups)),
+                "data.n_normal": int((y == 0).sum()),
+                "data.n_pneumonia": int((y == 1).sum()),
+                "data.digest": dataset.digest,
+            }
+        )
+
+        log.info("cross-validating (%d folds, grouped by patient)", settings.cv_folds)
+        cv = modeling.cross_validate(X, y, groups, params, settings.cv_folds, settings.seed)
+        threshold = modeling.choose_threshold(y, cv.probability)
+        pooled = binary_metrics(y, cv.probability, threshold)
+        metrics = {
+            "threshold": threshold,
+            **cv.summary(y, threshold),
+            **{f"cv_oof_{k}": pooled[k] for k in METRIC_NAMES},
+        }
+        mlflow.log_figure(
+            plots.roc_figure(y, cv.probability, "Cross-validation ROC"), "plots/cv_roc.png"
+        )
+        mlflow.log_figure(
+            plots.confusion_figure(y, cv.probability, threshold, "Cross-validation"),
+            "plots/cv_confusion.png",
+        )
+
+        log.info("fitting the final model on %d images", len(samples))
+        estimator = modeling.fit_calibrated(X, y, groups, params, settings.cv_folds, settings.seed)
+        config = {
+            "trained_at": started.isoformat(timespec="seconds"),
+            "synthetic": synthetic,
+            "data_digest": dataset.digest,
+            "run_id": run.info.run_id,
+        }
+        info = log_model(estimator, threshold, config, registered_model_name=settings.model_name)
+        version = str(info.registered_model_version)
+
+        # Held-out splits, scored through the logged model: the path serving will take.
+        holdout = {}
+        for split in HOLDOUT_SPLITS:
+            if list_split(data_root, split):
+                holdout[split] = evaluate_model(info.model_uri, data_root, split, progress)
+                metrics.update(
+                    {
+                        f"{split}_{k}": v
+                        for k, v in holdout[split].items()
+                        if k in METRIC_NAMES and v is not None
+                    }
+                )
+        mlflow.log_metrics(metrics)
+
+        registry = Registry(settings.model_name, settings.model_alias)
+        decision = (
+            _gate(registry, holdout, data_root, settings, force)
+            if promote
+            else Decision(False, "promotion not requested (--no-promote)")
+        )
+        registry.record(version, decision)
+        mlflow.set_tags(
+            {
+                "promotion.decision": "promoted" if decision.promote else "rejected",
+                "promotion.reason": decision.reason,
+                "registered.version": version,
+            }
+        )
+        log.info(
+            "version %s: %s (%s)",
+            version,
+            "promoted" if decision.promote else "not promoted",
+            decision.reason,
+        )
+        return TrainResult(run.info.run_id, version, decision, metrics)
+
+
+def _gate(
+    registry: Registry, holdout: dict, data_root: Path, settings: Settings, force: bool
+) -> Decision:
+    """Compare the candidate with the current Production version on the same held-out images;
+    the incumbent's figures are logged to the run as `gate_incumbent_*`."""
+    split = gate_split(data_root)
+    current = registry.production()
+    incumbent, error = None, None
+    if current is not None and split is not None and not force:
+        try:
+            incumbent = evaluate_model(
+                f"models:/{registry.name}/{current.version}", data_root, split, progress=False
+            )
+        except Exception as exc:  # an unloadable incumbent must not block a working candidate
+            error = f"{type(exc).__name__}: {exc}"
+    if incumbent:
+        mlflow.log_metrics(
+            {
+                f"gate_incumbent_{k}": v
+                for k, v in incumbent.items()
+                if k in METRIC_NAMES and v is not None
+            }
+        )
+    mlflow.set_tags({"gate.split": split or "none", "gate.metric": settings.promotion_metric})
+    return decide(
+        holdout.get(split) if split else None,
+        incumbent,
+        metric=settings.promotion_metric,
+        margin=settings.promotion_margin,
+        force=force,
+        incumbent_version=current.version if current else None,
+        incumbent_error=error,
+    )
