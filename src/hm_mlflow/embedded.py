@@ -1,0 +1,254 @@
+"""The embedded platform (`hm-mlflow up`): MLflow and the webapp as child processes.
+
+1. an MLflow tracking server: SQLite backend and artifacts under the state folder, artifacts
+   proxied by the server, so no client needs storage credentials;
+2. when no version holds the Production alias: a first training run, on the data folder if it
+   holds the Kaggle layout, else on a synthetic sample set generated into the state folder;
+3. the webapp, once MLflow is healthy.
+
+Ctrl-C (or SIGTERM) stops both servers. Everything lives in the state folder, so runs and models
+survive a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from hm_mlflow import synthetic
+from hm_mlflow.config import Settings
+from hm_mlflow.dataset import list_split
+from hm_mlflow.registry import Registry
+from hm_mlflow.tracking import fetch
+
+BIN = Path(sys.executable).parent  # the environment's console scripts: mlflow, hm-mlflow
+# MLflow 3 starts job consumers for its GenAI features by default: 8 processes and about 2 GB
+# that this platform never uses.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+class PlatformError(RuntimeError):
+    """Something the person running the platform must fix; the message says what."""
+
+
+@dataclass
+class Service:
+    """A child server process with a health URL and a log file."""
+
+    name: str
+    argv: list[str]
+    health_url: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        # Own process group: Ctrl-C reaches the supervisor only, which then stops the
+        # children in order, and a stop signal reaches each server's workers too.
+        self.process = subprocess.Popen(
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            start_new_session=True,
+        )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_healthy(self, timeout: float, ready=lambda body: True) -> dict | str:
+        """Poll the health URL until it answers 200 and `ready(body)`; fail fast if the
+        process dies, with the end of its log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise PlatformError(
+                    f"{self.name} exited during start-up. End of {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                )
+            body = fetch(self.health_url)
+            if body is not None and ready(body):
+                return body
+            time.sleep(0.5)
+        raise PlatformError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.running():
+            return
+        pgid = self.process.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # workers left behind by the server, if any
+            os.killpg(pgid, signal.SIGKILL)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def mlflow_server_command(settings: Settings) -> list[str]:
+    state = settings.state_dir.resolve()
+    return [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        settings.mlflow_host,
+        "--port",
+        str(settings.mlflow_port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{state / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(state / "artifacts"),
+    ]
+
+
+def training_data(settings: Settings) -> Path:
+    """The data folder when it holds a training split, else a generated synthetic sample set."""
+    if list_split(settings.data_dir, "train"):
+        return settings.data_dir
+    sample = settings.state_dir / "sample"
+    print(
+        f"No images in {settings.data_dir}/train: generating a synthetic sample set in {sample} "
+        "(see source/README.md for the real data set).",
+        flush=True,
+    )
+    return synthetic.write_sample_set(sample, n_train=settings.sample_size, seed=settings.seed)
+
+
+class Platform:
+    """Starts, watches and stops the embedded platform."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.mlflow_url = f"http://{settings.mlflow_host}:{settings.mlflow_port}"
+        self.webapp_url = f"http://{settings.webapp_host}:{settings.webapp_port}"
+        self.env = {"MLFLOW_TRACKING_URI": self.mlflow_url}
+        logs = settings.state_dir / "logs"
+        self.mlflow = Service(
+            "MLflow",
+            mlflow_server_command(settings),
+            f"{self.mlflow_url}/health",
+            logs / "mlflow.log",
+            MLFLOW_SERVER_ENV,
+        )
+        self.webapp = Service(
+            "webapp",
+            [
+                str(BIN / "hm-mlflow"),
+                "serve",
+                "--host",
+                settings.webapp_host,
+                "--port",
+                str(settings.webapp_port),
+            ],
+            f"{self.webapp_url}/health",
+            logs / "webapp.log",
+            self.env,
+        )
+
+    def check_ports(self) -> None:
+        for name, host, port, var in (
+            ("MLflow", self.settings.mlflow_host, self.settings.mlflow_port, "HM_MLFLOW_PORT"),
+            ("webapp", self.settings.webapp_host, self.settings.webapp_port, "HM_WEBAPP_PORT"),
+        ):
+            if not port_free(host, port):
+                raise PlatformError(
+                    f"port {port} on {host} is in use, so the {name} cannot start "
+                    f"there; stop what uses it or set {var} to a free port"
+                )
+
+    def bootstrap(self) -> None:
+        """Train and promote a first model when the registry has no Production version."""
+        registry = Registry(
+            self.settings.model_name,
+            self.settings.model_alias,
+            MlflowClient(tracking_uri=self.mlflow_url),
+        )
+        current = registry.production()
+        if current is not None:
+            print(f"Production model: {registry.name} version {current.version}", flush=True)
+            return
+        data = training_data(self.settings)
+        print(f"No Production model yet: training a first one on {data}", flush=True)
+        subprocess.run(
+            [str(BIN / "hm-mlflow"), "train", "--data", str(data)],
+            env={**os.environ, **self.env},
+            check=True,
+        )
+
+    def up(self) -> None:
+        self.check_ports()
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            print(f"Starting MLflow (state in {self.settings.state_dir}/) ...", flush=True)
+            self.mlflow.start()
+            self.mlflow.wait_healthy(timeout=180)
+            self.bootstrap()
+            print("Starting the webapp ...", flush=True)
+            self.webapp.start()
+            status = self.webapp.wait_healthy(
+                timeout=120, ready=lambda b: isinstance(b, dict) and b.get("model_loaded")
+            )
+            model = status["model"]
+            print(
+                f"\nhm-mlflow is up:\n"
+                f"  MLflow UI  {self.mlflow_url}\n"
+                f"  webapp     {self.webapp_url}  (serving {model['name']} version "
+                f"{model['version']}{', synthetic data' if model['synthetic'] else ''})\n"
+                f"  logs       {self.settings.state_dir / 'logs'}/\n"
+                f"Press Ctrl-C to stop.",
+                flush=True,
+            )
+            self.watch()
+        finally:
+            self.stop()
+
+    def watch(self) -> None:
+        """Return on a stop signal; fail if a server dies on its own."""
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            while True:
+                for service in (self.mlflow, self.webapp):
+                    if not service.running():
+                        raise PlatformError(
+                            f"{service.name} stopped unexpectedly. End of "
+                            f"{service.log_path}:\n{service.log_tail()}"
+                        )
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("\nStopping ...", flush=True)
+
+    def stop(self) -> None:
+        self.webapp.stop()
+        self.mlflow.stop()
