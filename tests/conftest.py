@@ -1,0 +1,72 @@
+"""Shared fixtures: a generated sample set, a real MLflow server, a model trained through it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hm_mlflow.embedded import MLFLOW_SERVER_ENV
+from hm_mlflow.synthetic import write_sample_set
+
+from support import BIN, free_port, make_settings, serve, start, stop, wait_for, wait_for_version
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    """A small synthetic data set in the Kaggle layout (80 train, 16 val, 26 test)."""
+    return write_sample_set(tmp_path_factory.mktemp("data") / "sample", n_train=80, seed=1)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real MLflow tracking server: SQLite backend, artifacts proxied into a local folder."""
+    state = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    process = start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{state / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(state / "artifacts"),
+        ],
+        state / "server.log",
+        MLFLOW_SERVER_ENV,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/health", process)
+    except Exception:
+        stop(process)
+        print((state / "server.log").read_text()[-3000:])
+        raise
+    yield url
+    stop(process)
+
+
+@pytest.fixture(scope="session")
+def trained(mlflow_server, sample_root):
+    """Version 1 of a fresh model, trained on the sample set and promoted."""
+    from hm_mlflow.train import train
+
+    settings = make_settings(mlflow_server)
+    result = train(sample_root, settings, progress=False)
+    return settings, result
+
+
+@pytest.fixture(scope="session")
+def webapp(trained, tmp_path_factory):
+    """`hm-mlflow serve` on the trained model, with a 2 MB upload limit."""
+    settings, _ = trained
+    url, process = serve(settings, tmp_path_factory.mktemp("webapp"), HM_MAX_UPLOAD_MB="2")
+    wait_for_version(url, "1")
+    yield url
+    stop(process)

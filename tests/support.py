@@ -1,0 +1,123 @@
+"""Helpers for the tests: ports, processes, settings, the browser."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hm_mlflow.config import Settings
+
+BIN = Path(sys.executable).parent
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(
+    url: str, process: subprocess.Popen, timeout: float = 120, ready=None
+) -> httpx.Response:
+    """Poll `url` until it answers 200 (and `ready(response)`), failing fast if `process` dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200 and (ready is None or ready(response)):
+                return response
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Signal a process started with start_new_session=True, and its group; return its code."""
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    with contextlib.suppress(ProcessLookupError):  # anything left behind in its group
+        os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode
+
+
+def start(
+    argv: list[str], log: Path, env: dict[str, str] | None = None, cwd=None
+) -> subprocess.Popen:
+    handle = log.open("ab")
+    return subprocess.Popen(
+        argv,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def make_settings(tracking_uri: str, **overrides) -> Settings:
+    """Settings for one test: its own model name, small CV, the given MLflow."""
+    values = {
+        "model_name": f"cxr-{uuid.uuid4().hex[:8]}",
+        "cv_folds": 3,
+        "workers": 2,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def require_chromium() -> str:
+    """Path of Debian's Chromium; a skip on a developer machine without it, an error in CI."""
+    path = "/usr/bin/chromium"
+    if not Path(path).exists():
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    return path
+
+
+def serve(settings, tmp_path: Path, **env) -> tuple[str, subprocess.Popen]:
+    """Start `hm-mlflow serve` for `settings`' model on a free port; (url, process)."""
+    port = free_port()
+    process = start(
+        [str(BIN / "hm-mlflow"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        tmp_path / f"webapp-{port}.log",
+        {
+            "MLFLOW_TRACKING_URI": settings.tracking_uri,
+            "HM_MODEL_NAME": settings.model_name,
+            "HM_REFRESH_SECONDS": "1",
+            **env,
+        },
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(f"{url}/health", process, timeout=60)
+    return url, process
+
+
+def wait_for_version(url: str, version: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{url}/health").json()
+        if health["model"] and health["model"]["version"] == version:
+            return health
+        time.sleep(0.5)
+    raise TimeoutError(f"version {version} not served after {timeout} s: {health}")

@@ -1,0 +1,131 @@
+"""`hm-mlflow up` as a user runs it: first start, Ctrl-C, restart with everything kept."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from hm_mlflow.dataset import list_split
+
+from support import BIN, free_port, start, stop
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = log.read_text(errors="replace") if log.exists() else ""
+        if text in content:
+            return content
+        if process.poll() is not None:
+            raise AssertionError(
+                f"exited with {process.returncode} before {text!r}:\n{content[-3000:]}"
+            )
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} not printed after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def processes_mentioning(needle: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if needle in cmdline:
+                found.append(cmdline)
+    return found
+
+
+@pytest.fixture
+def platform_env(tmp_path):
+    ports = {"HM_MLFLOW_PORT": str(free_port()), "HM_WEBAPP_PORT": str(free_port())}
+    return {
+        **ports,
+        "HM_STATE_DIR": str(tmp_path / "state"),
+        "HM_DATA_DIR": str(tmp_path / "no-data-here"),
+        "HM_SAMPLE_SIZE": "60",
+        "HM_CV_FOLDS": "3",
+        "HM_REFRESH_SECONDS": "2",
+    }
+
+
+def ctrl_c(process: subprocess.Popen) -> int:
+    """What a terminal does on Ctrl-C: SIGINT to the foreground process group."""
+    os.killpg(process.pid, signal.SIGINT)
+    return process.wait(60)
+
+
+def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
+    env = {k: v for k, v in platform_env.items()}
+    mlflow_url = f"http://127.0.0.1:{env['HM_MLFLOW_PORT']}"
+    webapp_url = f"http://127.0.0.1:{env['HM_WEBAPP_PORT']}"
+    state = Path(env["HM_STATE_DIR"])
+    log = tmp_path / "up.log"
+
+    process = start([str(BIN / "hm-mlflow"), "up"], log, env, cwd=tmp_path)
+    try:
+        output = wait_for_line(log, "Press Ctrl-C to stop.", process, timeout=400)
+        assert "generating a synthetic sample set" in output
+        assert f"MLflow UI  {mlflow_url}" in output and f"webapp     {webapp_url}" in output
+
+        # Both UIs answer; the webapp serves version 1, trained on the synthetic set.
+        assert "<title>MLflow</title>" in httpx.get(mlflow_url).text
+        health = httpx.get(f"{webapp_url}/health").json()
+        assert health["model"]["version"] == "1" and health["model"]["synthetic"] is True
+        film = list_split(state / "sample", "test")[0]
+        answer = httpx.post(
+            f"{webapp_url}/api/predict", files={"file": (film.path.name, film.read_bytes())}
+        )
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
+
+        assert ctrl_c(process) == 0
+        assert processes_mentioning(str(state)) == []
+        assert processes_mentioning(f"--port {env['HM_WEBAPP_PORT']}") == []
+    finally:
+        stop(process)
+
+    # Restart: the same runs and model, no new training.
+    log2 = tmp_path / "up2.log"
+    process = start([str(BIN / "hm-mlflow"), "up"], log2, env, cwd=tmp_path)
+    try:
+        output = wait_for_line(log2, "Press Ctrl-C to stop.", process, timeout=180)
+        assert "Production model: chest-xray-pneumonia version 1" in output
+        assert "training a first one" not in output
+        client = MlflowClient(mlflow_url)
+        experiment = client.get_experiment_by_name("chest-xray")
+        assert len(client.search_runs([experiment.experiment_id])) == 1
+        assert httpx.get(f"{webapp_url}/health").json()["model"]["version"] == "1"
+        assert ctrl_c(process) == 0
+    finally:
+        stop(process)
+    assert (state / "mlflow.db").is_file() and any((state / "artifacts").rglob("MLmodel"))
+
+
+def test_up_refuses_a_busy_port_with_a_clear_message(platform_env, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", int(platform_env["HM_MLFLOW_PORT"])))
+        busy.listen()
+        done = subprocess.run(
+            [str(BIN / "hm-mlflow"), "up"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **platform_env},
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode != 0
+    assert f"port {platform_env['HM_MLFLOW_PORT']}" in done.stderr
+    assert "HM_MLFLOW_PORT" in done.stderr
+    assert "Traceback" not in done.stderr

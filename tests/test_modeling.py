@@ -1,0 +1,112 @@
+"""Metrics, threshold, grouped CV and the promotion gate, on data with a known answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hm_mlflow import modeling
+from hm_mlflow.metrics import binary_metrics
+from hm_mlflow.registry import decide
+
+
+def test_binary_metrics_by_hand():
+    y = [1, 1, 1, 0, 0]
+    p = [0.9, 0.6, 0.2, 0.7, 0.1]
+    m = binary_metrics(y, p, threshold=0.5)
+    assert m == {
+        "n": 5,
+        "accuracy": 0.6,
+        "roc_auc": pytest.approx(4 / 6),
+        "sensitivity": pytest.approx(2 / 3),
+        "specificity": 0.5,
+        "threshold": 0.5,
+    }
+
+
+def test_binary_metrics_with_one_class_are_json_safe():
+    m = binary_metrics([1, 1], [0.9, 0.2], threshold=0.5)
+    assert m["roc_auc"] is None and m["specificity"] is None
+    assert m["sensitivity"] == 0.5
+
+
+def test_threshold_separates_separable_scores():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
+    t = modeling.choose_threshold(y, p)
+    assert 0.3 < t <= 0.6
+    assert t == pytest.approx(0.45)  # midway between the classes
+
+
+def test_threshold_ignores_class_balance():
+    """Tripling every NORMAL image leaves sensitivity and specificity, hence the cut, alone."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(100), np.ones(300)].astype(int)
+    p = np.clip(np.r_[rng.normal(0.35, 0.15, 100), rng.normal(0.65, 0.15, 300)], 0, 1)
+    balanced_y = np.r_[np.tile(y[y == 0], 3), y[y == 1]]
+    balanced_p = np.r_[np.tile(p[y == 0], 3), p[y == 1]]
+    assert modeling.choose_threshold(y, p) == modeling.choose_threshold(balanced_y, balanced_p)
+
+
+def test_uninformative_scores_give_the_neutral_threshold():
+    assert modeling.choose_threshold(np.array([0, 1, 0, 1]), np.array([0.5] * 4)) == 0.5
+
+
+def _patients(n_patients=60, films=3, seed=0):
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(n_patients), films)
+    label = (np.arange(n_patients) % 3 != 0).astype(int)
+    y = label[groups]
+    X = rng.normal(size=(len(y), 5)) + y[:, None] * 1.5
+    return X, y, groups
+
+
+def test_group_splits_keep_each_patient_on_one_side():
+    _, y, groups = _patients()
+    for train, test in modeling.group_splits(y, groups, 5, seed=0):
+        assert not set(groups[train]) & set(groups[test])
+        assert set(y[test]) == {0, 1}
+
+
+def test_cross_validation_and_calibration_on_separable_data():
+    X, y, groups = _patients()
+    cv = modeling.cross_validate(X, y, groups, n_folds=5, seed=0)
+    assert sorted(np.unique(cv.fold)) == [0, 1, 2, 3, 4]
+    threshold = modeling.choose_threshold(y, cv.probability)
+    summary = cv.summary(y, threshold)
+    assert summary["cv_roc_auc_mean"] > 0.95
+    assert 0 <= summary["cv_accuracy_std"] < 0.1
+
+    model = modeling.fit_calibrated(X, y, groups, n_folds=5, seed=0)
+    p = model.predict_proba(X)[:, 1]
+    # Calibrated: the mean probability matches the base rate.
+    assert abs(p.mean() - y.mean()) < 0.05
+
+
+def _m(auc, n=100):
+    return {"n": n, "roc_auc": auc}
+
+
+@pytest.mark.parametrize(
+    ("candidate", "incumbent", "kwargs", "promote", "reason"),
+    [
+        (_m(0.9), None, {"incumbent_version": None}, True, "no version held the alias"),
+        (_m(0.9), _m(0.8), {"incumbent_version": "1"}, True, "beats version 1's 0.8000"),
+        (_m(0.8), _m(0.8), {"incumbent_version": "1"}, False, "does not beat"),
+        (_m(0.81), _m(0.8), {"incumbent_version": "1", "margin": 0.02}, False, "margin 0.02"),
+        (_m(0.7), _m(0.8), {"incumbent_version": "1", "force": True}, True, "forced"),
+        (None, _m(0.8), {"incumbent_version": "1"}, False, "no held-out split"),
+        (
+            _m(0.7),
+            None,
+            {"incumbent_version": "1", "incumbent_error": "boom"},
+            True,
+            "could not be evaluated: boom",
+        ),
+    ],
+)
+def test_promotion_gate(candidate, incumbent, kwargs, promote, reason):
+    kwargs = {"metric": "roc_auc", "margin": 0.0, **kwargs}
+    decision = decide(candidate, incumbent, **kwargs)
+    assert decision.promote is promote
+    assert reason in decision.reason

@@ -1,0 +1,196 @@
+"""Training through a real MLflow server: what a run records, what the model carries, the gate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import skops.io
+from mlflow import MlflowClient
+
+from hm_mlflow import features
+from hm_mlflow.dataset import list_split
+from hm_mlflow.evaluate import evaluate_model
+from hm_mlflow.train import train
+
+from support import BIN, make_settings
+
+pytestmark = pytest.mark.integration
+EVALUATE_KEYS = {"n", "accuracy", "roc_auc", "sensitivity", "specificity", "threshold"}
+
+
+def test_first_version_is_registered_and_promoted(trained):
+    settings, result = trained
+    client = MlflowClient(settings.tracking_uri)
+    assert result.version == "1"
+    assert result.decision.promote
+    production = client.get_model_version_by_alias(settings.model_name, "production")
+    assert production.version == "1"
+    assert production.run_id == result.run_id
+    assert production.tags["promotion.decision"] == "promoted"
+    assert "no version held the alias" in production.tags["promotion.reason"]
+
+
+def test_run_records_params_metrics_plots_and_data(trained):
+    settings, result = trained
+    client = MlflowClient(settings.tracking_uri)
+    run = client.get_run(result.run_id)
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+
+    assert params["data.n_images"] == "80"
+    assert params["cv.grouping"] == "patient"
+    assert params["features.version"] == features.FEATURE_VERSION
+    assert tags["hm.synthetic"] == "true"
+    for name in ("accuracy", "roc_auc", "sensitivity", "specificity"):
+        assert 0 <= metrics[f"cv_{name}_mean"] <= 1
+        assert metrics[f"cv_{name}_std"] >= 0
+        assert 0 <= metrics[f"val_{name}"] <= 1
+        assert 0 <= metrics[f"test_{name}"] <= 1
+    # Learnable, not trivial: the synthetic task is neither noise nor solved.
+    assert 0.7 < metrics["cv_oof_roc_auc"] < 1.0
+    assert 0 < metrics["threshold"] < 1
+
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert artifacts == {"plots/cv_roc.png", "plots/cv_confusion.png"}
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.digest == params["data.digest"]
+    manifest = client.download_artifacts(result.run_id, "data/train_manifest.json")
+    table = json.loads(Path(manifest).read_text())
+    assert len(table["data"]) == 80
+
+
+def test_model_carries_its_own_preprocessing(trained, tmp_path):
+    """The registered model holds the exact features.py of training and predicts from bytes."""
+    settings, _ = trained
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{settings.model_name}@production", dst_path=str(tmp_path)
+        )
+    )
+    shipped = next(local.rglob("features.py")).read_bytes()
+    assert (
+        hashlib.sha256(shipped).digest()
+        == hashlib.sha256(Path(features.__file__).read_bytes()).digest()
+    )
+    assert (local / "model_code.py").is_file()
+    requirements = (local / "requirements.txt").read_text()
+    assert "opencv-python-headless==" in requirements and "scikit-learn==" in requirements
+
+
+def test_served_predictions_equal_training_features_and_estimator(trained, sample_root, tmp_path):
+    """One source of truth: the pyfunc (serving path) gives what the package's features and the
+    fitted estimator give."""
+    settings, _ = trained
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    uri = f"models:/{settings.model_name}@production"
+    model = mlflow.pyfunc.load_model(uri)
+    samples = list_split(sample_root, "test")[:10]
+    served = model.predict(pd.DataFrame({"image": [s.read_bytes() for s in samples]}))
+
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
+    path = next(local.rglob("estimator.skops"))
+    estimator = skops.io.load(path, trusted=skops.io.get_untrusted_types(file=str(path)))
+    direct = estimator.predict_proba(np.stack([features.extract(s.read_bytes()) for s in samples]))
+    np.testing.assert_allclose(served["probability"].to_numpy(), direct[:, 1], rtol=1e-6)
+    threshold = model.model_config["threshold"]
+    expected = np.where(direct[:, 1] >= threshold, "PNEUMONIA", "NORMAL")
+    assert served["label"].tolist() == expected.tolist()
+
+
+def test_gate_rejects_a_model_that_is_not_better_and_force_overrides(mlflow_server, sample_root):
+    settings = make_settings(mlflow_server)
+    first = train(sample_root, settings, progress=False)
+    assert first.decision.promote
+
+    # Same data, same seed: an identical model cannot beat the incumbent.
+    same = train(sample_root, settings, progress=False)
+    assert not same.decision.promote
+    assert "does not beat version 1" in same.decision.reason
+    client = MlflowClient(settings.tracking_uri)
+    assert client.get_model_version_by_alias(settings.model_name, "production").version == "1"
+    assert (
+        client.get_model_version(settings.model_name, same.version).tags["promotion.decision"]
+        == "rejected"
+    )
+    run = client.get_run(same.run_id)
+    assert run.data.metrics["gate_incumbent_roc_auc"] == pytest.approx(
+        run.data.metrics["test_roc_auc"]
+    )
+
+    # A crippled model (no regularisation budget at all) is rejected too.
+    weak = train(sample_root, settings, params={"C": 1e-7}, progress=False)
+    assert not weak.decision.promote
+
+    forced = train(sample_root, settings, force=True, progress=False)
+    assert forced.decision.promote and forced.decision.reason == "forced (--force)"
+    assert (
+        client.get_model_version_by_alias(settings.model_name, "production").version
+        == forced.version
+    )
+
+
+def _evaluate_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "hm-mlflow"), "evaluate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_evaluate_cli_prints_one_json_object(trained, sample_root, tmp_path):
+    settings, _ = trained
+    uri = f"models:/{settings.model_name}@production"
+    env = {"PATH": str(BIN), "MLFLOW_TRACKING_URI": settings.tracking_uri, "HOME": str(tmp_path)}
+    done = _evaluate_cli(
+        ["--data", str(sample_root), "--split", "test", "--model-uri", uri, "--json"], env, tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)  # the whole of stdout is one JSON object
+    assert set(result) == EVALUATE_KEYS
+    assert result["n"] == len(list_split(sample_root, "test"))
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    assert result == pytest.approx(evaluate_model(uri, sample_root, "test", progress=False))
+
+
+def test_every_command_works_on_a_sqlite_uri_without_a_server(sample_root, tmp_path, monkeypatch):
+    """Train and evaluate straight into a SQLite file, as a notebook without a server would."""
+    monkeypatch.chdir(tmp_path)  # the SQLite store keeps artifacts beside the working directory
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = make_settings(uri)
+    result = train(sample_root, settings, progress=False)
+    assert result.decision.promote
+
+    env = {
+        "PATH": str(BIN),
+        "MLFLOW_TRACKING_URI": uri,
+        "HOME": str(tmp_path),
+        "HM_MODEL_NAME": settings.model_name,
+    }
+    done = _evaluate_cli(["--data", str(sample_root), "--split", "val", "--json"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert set(result) == EVALUATE_KEYS and result["n"] == 16
+
+
+def test_evaluate_cli_reports_a_missing_model_plainly(mlflow_server, sample_root, tmp_path):
+    env = {"PATH": str(BIN), "MLFLOW_TRACKING_URI": mlflow_server, "HOME": str(tmp_path)}
+    done = _evaluate_cli(
+        ["--data", str(sample_root), "--model-uri", "models:/no-such-model@production", "--json"],
+        env,
+        tmp_path,
+    )
+    assert done.returncode != 0
+    assert done.stdout == ""
+    assert "no-such-model" in done.stderr
+    assert "Traceback" not in done.stderr
