@@ -1,0 +1,48 @@
+# The two set-up commands: `make up` (the platform) and `make test` (the test suite).
+# Both create .venv/ and install the project into it when needed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help up test lint train sample bench clean lock
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "hm-mlflow needs Python 3.11; set PYTHON=python3.11"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip==26.3"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+up: $(STAMP)  ## run MLflow + the webapp on this machine (Ctrl-C stops both)
+	$(BIN)/hm-mlflow up
+
+test: $(STAMP)  ## lint, then the whole test suite
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff only
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+train: $(STAMP)  ## train on HM_DATA_DIR (default source/chest_xray) against the running platform
+	$(BIN)/hm-mlflow train
+
+sample: $(STAMP)  ## generate the synthetic sample set into .state/sample
+	$(BIN)/hm-mlflow sample
+
+bench: $(STAMP)  ## benchmarks on ../shared/data/cxr
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/quality.py
+
+lock:  ## re-pin every transitive dependency in constraints.txt from a fresh environment
+	rm -rf /tmp/hm-mlflow-lock && $(PYTHON) -m venv /tmp/hm-mlflow-lock
+	/tmp/hm-mlflow-lock/bin/pip install --quiet -e ".[dev]"
+	/tmp/hm-mlflow-lock/bin/pip freeze --exclude-editable | grep -v '^hm-mlflow' > constraints.txt
+
+clean:  ## remove the virtual environment (the state folder .state/ is kept)
+	rm -rf $(VENV)
