@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help up test lint train sample bench clean lock
+.PHONY: help up test lint train sample clean lock
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -21,23 +21,18 @@ $(STAMP): pyproject.toml constraints.txt
 up: $(STAMP)  ## run MLflow + the webapp on this machine (Ctrl-C stops both)
 	$(BIN)/hm-mlflow up
 
-test: $(STAMP)  ## lint, then the whole test suite
-	$(BIN)/ruff check src tests bench
+test: lint  ## lint, then the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)  ## ruff only
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+lint: $(STAMP)  ## ruff: lint rules and formatting
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 train: $(STAMP)  ## train on HM_DATA_DIR (default source/chest_xray) against the running platform
 	$(BIN)/hm-mlflow train
 
 sample: $(STAMP)  ## generate the synthetic sample set into .state/sample
 	$(BIN)/hm-mlflow sample
-
-bench: $(STAMP)  ## benchmarks on ../shared/data/cxr
-	$(BIN)/python bench/throughput.py
-	$(BIN)/python bench/quality.py
 
 lock:  ## re-pin every transitive dependency in constraints.txt from a fresh environment
 	rm -rf /tmp/hm-mlflow-lock && $(PYTHON) -m venv /tmp/hm-mlflow-lock
