@@ -60,8 +60,10 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 
 
 
 def start(
-    argv: list[str], log: Path, env: dict[str, str] | None = None, cwd=None
+    argv: list[str], log: Path, env: dict[str, str] | None = None, cwd=None, ignore_sigint=False
 ) -> subprocess.Popen:
+    """Start a process in a new session, output to `log`. `ignore_sigint` starts it the way a
+    shell starts a background job: with SIGINT ignored."""
     handle = log.open("ab")
     return subprocess.Popen(
         argv,
@@ -70,6 +72,9 @@ def start(
         cwd=cwd,
         env={**os.environ, **(env or {})},
         start_new_session=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        if ignore_sigint
+        else None,
     )
 
 

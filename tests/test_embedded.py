@@ -73,7 +73,8 @@ def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
     state = Path(env["HM_STATE_DIR"])
     log = tmp_path / "up.log"
 
-    process = start([str(BIN / "hm-mlflow"), "up"], log, env, cwd=tmp_path)
+    # Started like a shell's background job (SIGINT ignored): Ctrl-C must still stop it.
+    process = start([str(BIN / "hm-mlflow"), "up"], log, env, cwd=tmp_path, ignore_sigint=True)
     try:
         output = wait_for_line(log, "Press Ctrl-C to stop.", process, timeout=400)
         assert "generating a synthetic sample set" in output
@@ -110,6 +111,20 @@ def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
     finally:
         stop(process)
     assert (state / "mlflow.db").is_file() and any((state / "artifacts").rglob("MLmodel"))
+
+
+def test_sigterm_during_the_first_training_leaves_nothing_behind(platform_env, tmp_path):
+    log = tmp_path / "up.log"
+    process = start([str(BIN / "hm-mlflow"), "up"], log, platform_env, cwd=tmp_path)
+    try:
+        wait_for_line(log, "training a first one", process, timeout=300)
+        process.send_signal(signal.SIGTERM)  # to the supervisor alone, as `kill PID` does
+        assert process.wait(60) == 0
+        assert "Stopping" in log.read_text()
+        assert processes_mentioning(platform_env["HM_STATE_DIR"]) == []
+        assert processes_mentioning(f"--port {platform_env['HM_MLFLOW_PORT']}") == []
+    finally:
+        stop(process)
 
 
 def test_up_refuses_a_busy_port_with_a_clear_message(platform_env, tmp_path):

@@ -35,6 +35,8 @@ def test_first_version_is_registered_and_promoted(trained):
     assert production.run_id == result.run_id
     assert production.tags["promotion.decision"] == "promoted"
     assert "no version held the alias" in production.tags["promotion.reason"]
+    assert production.description.startswith("Promoted on ")
+    assert "NORMAL vs PNEUMONIA" in client.get_registered_model(settings.model_name).description
 
 
 def test_run_records_params_metrics_plots_and_data(trained):
@@ -115,10 +117,9 @@ def test_gate_rejects_a_model_that_is_not_better_and_force_overrides(mlflow_serv
     assert "does not beat version 1" in same.decision.reason
     client = MlflowClient(settings.tracking_uri)
     assert client.get_model_version_by_alias(settings.model_name, "production").version == "1"
-    assert (
-        client.get_model_version(settings.model_name, same.version).tags["promotion.decision"]
-        == "rejected"
-    )
+    rejected = client.get_model_version(settings.model_name, same.version)
+    assert rejected.tags["promotion.decision"] == "rejected"
+    assert rejected.description.startswith("Not promoted on ")
     run = client.get_run(same.run_id)
     assert run.data.metrics["gate_incumbent_roc_auc"] == pytest.approx(
         run.data.metrics["test_roc_auc"]

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from hm_mlflow import synthetic
 from hm_mlflow.config import Settings
 from hm_mlflow.dataset import list_split
 from hm_mlflow.registry import Registry
@@ -133,17 +132,18 @@ def mlflow_server_command(settings: Settings) -> list[str]:
     ]
 
 
-def training_data(settings: Settings) -> Path:
-    """The data folder when it holds a training split, else a generated synthetic sample set."""
-    if list_split(settings.data_dir, "train"):
-        return settings.data_dir
-    sample = settings.state_dir / "sample"
-    print(
-        f"No images in {settings.data_dir}/train: generating a synthetic sample set in {sample} "
-        "(see source/README.md for the real data set).",
-        flush=True,
-    )
-    return synthetic.write_sample_set(sample, n_train=settings.sample_size, seed=settings.seed)
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both stop the platform the same orderly way.
+
+    Installed explicitly: a process started in the background by a shell inherits SIGINT as
+    ignored, and SIGTERM's default would end the supervisor without stopping its children.
+    """
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 class Platform:
@@ -189,7 +189,10 @@ class Platform:
                 )
 
     def bootstrap(self) -> None:
-        """Train and promote a first model when the registry has no Production version."""
+        """Train and promote a first model when the registry has no Production version.
+
+        Sample generation and training run as the same commands a person or a container runs,
+        in child processes, so the supervisor stays small."""
         registry = Registry(
             self.settings.model_name,
             self.settings.model_alias,
@@ -199,15 +202,26 @@ class Platform:
         if current is not None:
             print(f"Production model: {registry.name} version {current.version}", flush=True)
             return
-        data = training_data(self.settings)
+        data = self.settings.data_dir
+        if not list_split(data, "train"):
+            data = self.settings.state_dir / "sample"
+            print(
+                f"No images in {self.settings.data_dir}/train: generating a synthetic sample set "
+                f"in {data} (see source/README.md for the real data set).",
+                flush=True,
+            )
+            self.run(["sample", "--out", str(data)])
         print(f"No Production model yet: training a first one on {data}", flush=True)
-        subprocess.run(
-            [str(BIN / "hm-mlflow"), "train", "--data", str(data)],
-            env={**os.environ, **self.env},
-            check=True,
-        )
+        self.run(["train", "--data", str(data)])
+
+    def run(self, args: list[str]) -> None:
+        """Run an hm-mlflow subcommand against the platform's MLflow; fail if it fails."""
+        done = subprocess.run([str(BIN / "hm-mlflow"), *args], env={**os.environ, **self.env})
+        if done.returncode != 0:
+            raise PlatformError(f"hm-mlflow {' '.join(args)} failed (exit {done.returncode})")
 
     def up(self) -> None:
+        _stop_on_signals()
         self.check_ports()
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -231,23 +245,21 @@ class Platform:
                 flush=True,
             )
             self.watch()
+        except KeyboardInterrupt:
+            print("\nStopping ...", flush=True)
         finally:
             self.stop()
 
     def watch(self) -> None:
-        """Return on a stop signal; fail if a server dies on its own."""
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        try:
-            while True:
-                for service in (self.mlflow, self.webapp):
-                    if not service.running():
-                        raise PlatformError(
-                            f"{service.name} stopped unexpectedly. End of "
-                            f"{service.log_path}:\n{service.log_tail()}"
-                        )
-                time.sleep(1)
-        except KeyboardInterrupt:
-            print("\nStopping ...", flush=True)
+        """Wait for Ctrl-C or SIGTERM (KeyboardInterrupt); fail if a server dies on its own."""
+        while True:
+            for service in (self.mlflow, self.webapp):
+                if not service.running():
+                    raise PlatformError(
+                        f"{service.name} stopped unexpectedly. End of "
+                        f"{service.log_path}:\n{service.log_tail()}"
+                    )
+            time.sleep(1)
 
     def stop(self) -> None:
         self.webapp.stop()

@@ -12,6 +12,12 @@ from mlflow.exceptions import MlflowException
 from hm_mlflow.metrics import is_number
 
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+MODEL_DESCRIPTION = (
+    "Chest X-ray classifier, NORMAL vs PNEUMONIA (the positive class). Input: image bytes "
+    "(JPEG or PNG) in the column `image`; output: `label` and `probability` of PNEUMONIA. "
+    "The version with the alias `{alias}` is the one in service; each version's description "
+    "says why the promotion gate took or refused it. Research use only, not a medical device."
+)
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,16 @@ class Registry:
             raise
 
     def record(self, version: str, decision: Decision) -> None:
-        """Tag the version with the gate's decision; move the alias if it was promoted."""
+        """Tag and describe the version with the gate's decision; move the alias if promoted."""
         now = datetime.now(UTC).isoformat(timespec="seconds")
+        if not self.client.get_registered_model(self.name).description:
+            self.client.update_registered_model(
+                self.name, MODEL_DESCRIPTION.format(alias=self.alias)
+            )
+        verdict = "Promoted" if decision.promote else "Not promoted"
+        self.client.update_model_version(
+            self.name, version, f"{verdict} on {now}: {decision.reason}"
+        )
         self.client.set_model_version_tag(
             self.name, version, "promotion.decision", "promoted" if decision.promote else "rejected"
         )
