@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-FEATURE_VERSION = "1"
+FEATURE_VERSION = "2"
 CANVAS = 256
 """Side of the square canvas every image is resampled to before description."""
 
@@ -98,16 +98,20 @@ def normalise(image: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0.0, 1.0)
 
 
-def preprocess(data: bytes) -> np.ndarray:
-    """Bytes -> normalised square canvas, float32 in [0, 1]."""
-    return normalise(to_canvas(load(data)))
-
-
 # --- descriptors --------------------------------------------------------------------------
 
 _GRID = 4
 _PERCENTILES = (5, 25, 50, 75, 95)
 _SCALES = (1.0, 2.0, 4.0)
+_LBP_RADII = (1, 2, 4)
+_REGION = (1 / 8, 7 / 8, 1 / 10, 9 / 10)
+"""Rows and columns (fractions) of the band where the lung fields lie on a frontal film."""
+
+
+def _region(values: np.ndarray) -> np.ndarray:
+    height, width = values.shape[:2]
+    top, bottom, left, right = _REGION
+    return values[int(height * top) : int(height * bottom), int(width * left) : int(width * right)]
 
 
 def _grid_means(values: np.ndarray, grid: int = _GRID) -> np.ndarray:
@@ -115,15 +119,10 @@ def _grid_means(values: np.ndarray, grid: int = _GRID) -> np.ndarray:
     return cv2.resize(values, (grid, grid), interpolation=cv2.INTER_AREA).ravel()
 
 
-def _lung_region(canvas: np.ndarray) -> np.ndarray:
-    """The central band where the lung fields lie on a frontal chest film."""
-    size = canvas.shape[0]
-    return canvas[size // 8 : size * 7 // 8, size // 10 : size * 9 // 10]
-
-
 def intensity_features(canvas: np.ndarray) -> np.ndarray:
-    lungs = _lung_region(canvas)
-    stats = [lungs.mean(), lungs.std(), *np.percentile(lungs, _PERCENTILES)]
+    """Brightness of the lung band (opacities raise it) and its layout on a coarse grid."""
+    band = _region(canvas)
+    stats = [band.mean(), band.std(), *np.percentile(band, _PERCENTILES)]
     return np.concatenate([stats, _grid_means(canvas)])
 
 
@@ -132,11 +131,11 @@ def gradient_features(canvas: np.ndarray) -> np.ndarray:
     out = []
     for sigma in _SCALES:
         smooth = cv2.GaussianBlur(canvas, (0, 0), sigma)
-        gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3)
-        gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3)
+        gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0)
+        gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1)
         magnitude = cv2.magnitude(gx, gy) * sigma  # scale-normalised
-        lungs = _lung_region(magnitude)
-        out += [lungs.mean(), lungs.std(), *np.percentile(lungs, (50, 90))]
+        band = _region(magnitude)
+        out += [band.mean(), band.std(), *np.percentile(band, (10, 50, 90))]
         out += list(_grid_means(magnitude))
     return np.asarray(out)
 
@@ -170,36 +169,66 @@ _LBP_CLASSES = _lbp_class_table()
 
 
 def texture_features(canvas: np.ndarray) -> np.ndarray:
-    """Local binary pattern histograms (radius 1, 2, 4) of the lung region, on CLAHE contrast."""
-    gray = (canvas * 255).astype(np.uint8)
-    gray = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(gray)
-    lungs = _lung_region(gray)
+    """Local binary pattern histograms of the lung band at radii 1, 2 and 4, on CLAHE contrast:
+    the fine texture of vessels and interstitium."""
+    gray = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(_to_uint8(canvas))
     out = []
-    for radius in (1, 2, 4):
-        codes = _lbp_codes(lungs, radius)
+    for radius in _LBP_RADII:
+        codes = _region(_lbp_codes(gray, radius))
         out.append(np.bincount(codes.ravel(), minlength=10) / codes.size)
     return np.concatenate(out)
 
 
 def hog_features(canvas: np.ndarray) -> np.ndarray:
-    """Histogram of oriented gradients on a 128 px version: the shape of the anatomy."""
-    small = cv2.resize((canvas * 255).astype(np.uint8), (128, 128), interpolation=cv2.INTER_AREA)
-    return _HOG.compute(small).ravel()
+    """Histogram of oriented gradients, 16 px cells on a 128 px version: the shape of the
+    anatomy (ribs, borders of heart and diaphragm, which opacities blur)."""
+    small = cv2.resize(_to_uint8(canvas), (128, 128), interpolation=cv2.INTER_AREA)
+    return _hog().compute(small).ravel()
 
 
-_HOG = cv2.HOGDescriptor((128, 128), (32, 32), (32, 32), (16, 16), 9)
+def _hog() -> cv2.HOGDescriptor:
+    # window 128, blocks of 2 x 2 cells of 16 px, stride one cell, 9 orientations: 1,764 values
+    return cv2.HOGDescriptor((128, 128), (32, 32), (16, 16), (16, 16), 9)
 
-_DESCRIPTORS = (intensity_features, gradient_features, texture_features, hog_features)
+
+def _to_uint8(canvas: np.ndarray) -> np.ndarray:
+    return (canvas * 255).astype(np.uint8)
+
+
+DESCRIPTORS = {
+    "intensity": intensity_features,
+    "gradient": gradient_features,
+    "texture": texture_features,
+    "hog": hog_features,
+}
+"""The feature vector is these groups, concatenated in this order."""
 
 
 def describe(canvas: np.ndarray) -> np.ndarray:
     """Feature vector of a preprocessed canvas."""
-    return np.concatenate([d(canvas) for d in _DESCRIPTORS]).astype(np.float32)
+    return np.concatenate([d(canvas) for d in DESCRIPTORS.values()]).astype(np.float32)
+
+
+def group_columns(*names: str) -> list[int]:
+    """Column indices of the named descriptor groups in the feature vector."""
+    blank = np.zeros((CANVAS, CANVAS), np.float32)
+    columns, start = [], 0
+    for name, descriptor in DESCRIPTORS.items():
+        width = len(descriptor(blank))
+        if name in names:
+            columns += range(start, start + width)
+        start += width
+    return columns
+
+
+def from_image(image: np.ndarray) -> np.ndarray:
+    """Feature vector of a decoded, cropped 8-bit grayscale image (see `load`)."""
+    return describe(normalise(to_canvas(image)))
 
 
 def extract(data: bytes) -> np.ndarray:
     """Image bytes -> feature vector (float32, fixed length `n_features()`)."""
-    return describe(preprocess(data))
+    return from_image(load(data))
 
 
 def n_features() -> int:
