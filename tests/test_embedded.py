@@ -56,6 +56,7 @@ def platform_env(tmp_path):
         "HM_DATA_DIR": str(tmp_path / "no-data-here"),
         "HM_SAMPLE_SIZE": "60",
         "HM_CV_FOLDS": "3",
+        "HM_AUGMENT_COPIES": "1",
         "HM_REFRESH_SECONDS": "2",
     }
 

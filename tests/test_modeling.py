@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hm_mlflow import modeling
+from hm_mlflow import features, modeling
 from hm_mlflow.metrics import binary_metrics
 from hm_mlflow.registry import decide
 
@@ -68,19 +68,48 @@ def test_group_splits_keep_each_patient_on_one_side():
         assert set(y[test]) == {0, 1}
 
 
+def _training_set(copies: int = 0, seed: int = 0) -> modeling.TrainingSet:
+    """Separable patients with `features.n_features()` columns (the estimator selects groups
+    of columns by position), each column weakly informative, as real features are; copies are
+    the originals plus a little noise."""
+    _, y, groups = _patients(seed=seed)
+    rng = np.random.default_rng(seed)
+    wide = rng.normal(size=(len(y), features.n_features())) + 0.25 * y[:, None]
+    X_aug = wide + rng.normal(scale=0.3, size=(copies, *wide.shape))
+    return modeling.TrainingSet(wide, y, groups, X_aug)
+
+
+def test_rows_stack_copies_with_their_originals_labels_and_patients():
+    data = _training_set(copies=2)
+    X, y, groups = data.rows(np.array([0, 5]))
+    assert X.shape == (6, features.n_features())
+    assert y.tolist() == [data.y[0], data.y[5]] * 3
+    assert groups.tolist() == [data.groups[0], data.groups[5]] * 3
+    np.testing.assert_array_equal(X[2], data.X_aug[0, 0])
+
+
+def test_anatomy_view_reads_intensity_and_hog_columns():
+    estimator = modeling.build_estimator()
+    anatomy = dict(estimator.estimators)["anatomy"]
+    selected = anatomy.named_steps["select"].transformers[0][2]
+    assert selected == features.group_columns("intensity", "hog")
+    assert len(selected) < features.n_features()
+
+
 def test_cross_validation_and_calibration_on_separable_data():
-    X, y, groups = _patients()
-    cv = modeling.cross_validate(X, y, groups, n_folds=5, seed=0)
+    data = _training_set(copies=1)
+    cv = modeling.cross_validate(data, n_folds=5, seed=0)
     assert sorted(np.unique(cv.fold)) == [0, 1, 2, 3, 4]
-    threshold = modeling.choose_threshold(y, cv.probability)
-    summary = cv.summary(y, threshold)
+    assert cv.augmented.shape == (1, len(data.y))
+    threshold = modeling.choose_threshold(data.y, cv.probability)
+    summary = cv.summary(data.y, threshold)
     assert summary["cv_roc_auc_mean"] > 0.95
     assert 0 <= summary["cv_accuracy_std"] < 0.1
 
-    model = modeling.fit_calibrated(X, y, groups, n_folds=5, seed=0)
-    p = model.predict_proba(X)[:, 1]
+    model = modeling.fit_calibrated(data, n_folds=5, seed=0)
+    p = model.predict_proba(data.X)[:, 1]
     # Calibrated: the mean probability matches the base rate.
-    assert abs(p.mean() - y.mean()) < 0.05
+    assert abs(p.mean() - data.y.mean()) < 0.05
 
 
 def _m(auc, n=100):

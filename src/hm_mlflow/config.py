@@ -40,6 +40,7 @@ class Settings(BaseSettings):
 
     # Training
     cv_folds: int = Field(5, ge=2)
+    augment_copies: int = Field(4, ge=0, description="augmented copies of each training image")
     seed: int = 42
     workers: int = Field(0, ge=0, description="feature extraction processes; 0 = one per core")
     promotion_margin: float = Field(0.0, ge=0.0)

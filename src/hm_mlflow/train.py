@@ -19,7 +19,9 @@ import numpy as np
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
+from hm_mlflow import augment as augmentation
 from hm_mlflow import features, modeling, plots
+from hm_mlflow.augment import augment
 from hm_mlflow.config import Settings
 from hm_mlflow.dataset import (
     Sample,
@@ -49,31 +51,42 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _extract_batch(samples: list[Sample]) -> tuple[np.ndarray, list[str]]:
+def _extract_batch(
+    samples: list[Sample], first: int, copies: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     cv2.setNumThreads(1)  # one process per core already
-    vectors, digests = [], []
-    for sample in samples:
+    vectors, augmented, digests = [], [], []
+    for offset, sample in enumerate(samples):
         data = sample.read_bytes()
-        vectors.append(features.extract(data))
+        vectors.append(features.extract(data))  # exactly what serving computes
+        if copies:
+            # Copies are cut from a finer decode, so a 45 % crop still has the canvas' detail.
+            film = features.load(data, min_side=2 * features.CANVAS)
+            rng = np.random.default_rng([seed, first + offset])
+            augmented.append([features.from_image(augment(film, rng)) for _ in range(copies)])
         digests.append(hashlib.sha256(data).hexdigest())
-    return np.stack(vectors), digests
+    width = len(vectors[0])
+    return np.stack(vectors), np.array(augmented).reshape(len(samples), copies, width), digests
 
 
 def extract_features(
-    samples: list[Sample], n_jobs: int, progress: bool = True
-) -> tuple[np.ndarray, list[str]]:
-    """Feature matrix and content hashes of `samples`, in order, over `n_jobs` processes."""
-    batches = [samples[i : i + _BATCH] for i in range(0, len(samples), _BATCH)]
+    samples: list[Sample], n_jobs: int, copies: int = 0, seed: int = 0, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features of `samples` (n, d), of `copies` augmented copies of each (copies, n, d) and the
+    content hashes, in order, over `n_jobs` processes. Deterministic for a given `seed`."""
+    starts = range(0, len(samples), _BATCH)
     results = Parallel(n_jobs=n_jobs, return_as="generator")(
-        delayed(_extract_batch)(batch) for batch in batches
+        delayed(_extract_batch)(samples[i : i + _BATCH], i, copies, seed) for i in starts
     )
-    matrices, digests = [], []
+    matrices, augmented, digests = [], [], []
     with tqdm(total=len(samples), desc="features", unit="img", disable=not progress) as bar:
-        for matrix, batch_digests in results:
+        for matrix, copies_matrix, batch_digests in results:
             matrices.append(matrix)
+            augmented.append(copies_matrix)
             digests += batch_digests
             bar.update(len(batch_digests))
-    return np.concatenate(matrices), digests
+    X_aug = np.concatenate(augmented).transpose(1, 0, 2)  # (copies, n, d)
+    return np.concatenate(matrices), X_aug, digests
 
 
 def gate_split(data_root: Path) -> str | None:
@@ -104,7 +117,10 @@ def train(
     require_server(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_experiment(settings.experiment)
-    X, digests = extract_features(samples, settings.n_workers, progress)
+    X, X_aug, digests = extract_features(
+        samples, settings.n_workers, settings.augment_copies, settings.seed, progress
+    )
+    data = modeling.TrainingSet(X, y, groups, X_aug)
     synthetic = is_synthetic(data_root)
 
     with mlflow.start_run() as run:
@@ -123,7 +139,11 @@ def train(
         mlflow.log_params(
             {
                 **{f"model.{k}": v for k, v in params.items()},
-                "model.estimator": "scaler + balanced logistic regression, sigmoid-calibrated",
+                "model.estimator": "soft vote of 2 balanced logistic regressions (all features; "
+                "intensity + HOG), sigmoid-calibrated",
+                "augment.copies": settings.augment_copies,
+                "augment.crop_area": "-".join(map(str, augmentation.CROP_AREA)),
+                "augment.gamma": "-".join(map(str, augmentation.GAMMA)),
                 "cv.folds": settings.cv_folds,
                 "cv.grouping": "patient",
                 "seed": settings.seed,
@@ -139,7 +159,7 @@ def train(
         )
 
         log.info("cross-validating (%d folds, grouped by patient)", settings.cv_folds)
-        cv = modeling.cross_validate(X, y, groups, params, settings.cv_folds, settings.seed)
+        cv = modeling.cross_validate(data, params, settings.cv_folds, settings.seed)
         threshold = modeling.choose_threshold(y, cv.probability)
         pooled = binary_metrics(y, cv.probability, threshold)
         metrics = {
@@ -147,6 +167,9 @@ def train(
             **cv.summary(y, threshold),
             **{f"cv_oof_{k}": pooled[k] for k in METRIC_NAMES},
         }
+        if len(X_aug):  # the same held-out images, reframed and re-exposed
+            copies = binary_metrics(np.tile(y, len(X_aug)), cv.augmented.ravel(), threshold)
+            metrics.update({f"cv_augmented_{k}": copies[k] for k in METRIC_NAMES})
         mlflow.log_figure(
             plots.roc_figure(y, cv.probability, "Cross-validation ROC"), "plots/cv_roc.png"
         )
@@ -156,7 +179,9 @@ def train(
         )
 
         log.info("fitting the final model on %d images", len(samples))
-        estimator = modeling.fit_calibrated(X, y, groups, params, settings.cv_folds, settings.seed)
+        estimator = modeling.fit_calibrated(
+            data, params=params, n_folds=settings.cv_folds, seed=settings.seed
+        )
         config = {
             "trained_at": started.isoformat(timespec="seconds"),
             "synthetic": synthetic,
