@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help up test lint train sample clean lock
+.PHONY: help up test lint train sample bench clean lock
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +33,10 @@ train: $(STAMP)  ## train on HM_DATA_DIR (default source/chest_xray) against the
 
 sample: $(STAMP)  ## generate the synthetic sample set into .state/sample
 	$(BIN)/hm-mlflow sample
+
+bench: $(STAMP)  ## benchmarks on ../shared/data/cxr: feature throughput, model quality
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/quality.py
 
 lock:  ## re-pin every transitive dependency in constraints.txt from a fresh environment
 	rm -rf /tmp/hm-mlflow-lock && $(PYTHON) -m venv /tmp/hm-mlflow-lock
