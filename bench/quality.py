@@ -31,7 +31,7 @@ from hm_mlflow.train import train
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 
 
-def template_features(path: Path) -> np.ndarray:
+def template_features(path: str) -> np.ndarray:
     """The template's input: the whole film squeezed to 64 x 64 grayscale pixels."""
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     return cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA).ravel() / 255.0
@@ -40,14 +40,14 @@ def template_features(path: Path) -> np.ndarray:
 def template(data: Path, settings: Settings) -> dict[str, dict]:
     """Grouped CV and val of raw pixels + random forest at its own 0.5 cut, same folds."""
     train_set, val_set = list_split(data, "train"), list_split(data, "val")
-    X = np.stack([template_features(s.path) for s in train_set])
+    X = np.stack([template_features(s.location) for s in train_set])
     y = np.array([s.label for s in train_set])
     groups = np.array([s.patient for s in train_set])
     forest = lambda: RandomForestClassifier(300, n_jobs=-1, random_state=settings.seed)  # noqa: E731
     oof = np.zeros(len(y))
     for fit, held in modeling.group_splits(y, groups, settings.cv_folds, settings.seed):
         oof[held] = forest().fit(X[fit], y[fit]).predict_proba(X[held])[:, 1]
-    Xv = np.stack([template_features(s.path) for s in val_set])
+    Xv = np.stack([template_features(s.location) for s in val_set])
     pv = forest().fit(X, y).predict_proba(Xv)[:, 1]
     yv = np.array([s.label for s in val_set])
     return {"cv": binary_metrics(y, oof, 0.5), "val": binary_metrics(yv, pv, 0.5)}

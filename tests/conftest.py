@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import boto3
 import pytest
 
 from hm_mlflow.embedded import MLFLOW_SERVER_ENV
 from hm_mlflow.synthetic import write_sample_set
 
-from support import BIN, free_port, make_settings, serve, start, stop, wait_for, wait_for_version
+from support import (
+    BIN,
+    S3_KEY,
+    S3_SECRET,
+    free_port,
+    make_settings,
+    serve,
+    start,
+    start_seaweed,
+    stop,
+    wait_for,
+    wait_for_version,
+)
 
 
 @pytest.fixture(scope="session")
@@ -69,4 +83,31 @@ def webapp(trained, tmp_path_factory):
     url, process = serve(settings, tmp_path_factory.mktemp("webapp"), HM_MAX_UPLOAD_MB="2")
     wait_for_version(url, "1")
     yield url
+    stop(process)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> str:
+    """A real S3 API (SeaweedFS) on a free port; returns its endpoint URL."""
+    port = free_port()
+    process = start_seaweed(tmp_path_factory.mktemp("s3"), port)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_SECRET,
+        region_name="us-east-1",
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.list_buckets()
+            break
+        except Exception:
+            if time.monotonic() > deadline or process.poll() is not None:
+                stop(process)
+                raise
+            time.sleep(0.5)
+    yield endpoint
     stop(process)

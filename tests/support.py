@@ -128,3 +128,43 @@ def wait_for_version(url: str, version: str, timeout: float = 60) -> dict:
             return health
         time.sleep(0.5)
     raise TimeoutError(f"version {version} not served after {timeout} s: {health}")
+
+
+S3_KEY, S3_SECRET = "hm-test-key", "hm-test-secret-key"
+
+
+def start_seaweed(
+    state: Path,
+    port: int,
+    key: str = S3_KEY,
+    secret: str = S3_SECRET,
+    ip: str = "127.0.0.1",
+    wrap: list[str] | None = None,
+) -> subprocess.Popen:
+    """SeaweedFS as the S3 API (MinIO's stand-in on these machines), persisting to `state`."""
+    state.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(BIN / "weed"),
+        "mini",
+        f"-dir={state}",
+        f"-ip={ip}",
+        f"-ip.bind={ip}",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        f"-s3.port={port}",
+    ]
+    return start(
+        [*(wrap or []), *argv],
+        state / "weed.log",
+        {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret},
+    )
+
+
+def s3_env(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET) -> dict[str, str]:
+    """The environment a boto3 client (and so `hm_mlflow.dataset`) needs for `endpoint`."""
+    return {
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }

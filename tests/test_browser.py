@@ -46,7 +46,7 @@ def test_upload_a_film_and_see_the_answer(page, webapp, trained, sample_root):
     expect(page.locator("#model-info")).to_contain_text(f"{settings.model_name} version 1")
     expect(page.locator("#synthetic-warning")).to_be_visible()
 
-    page.set_input_files("#file", str(film.path))
+    page.set_input_files("#file", film.location)
     page.click("button[type=submit]")
 
     expect(page.locator("#label")).to_have_text(re.compile(r"^(NORMAL|PNEUMONIA)$"))

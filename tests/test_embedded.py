@@ -78,7 +78,7 @@ def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
     process = start([str(BIN / "hm-mlflow"), "up"], log, env, cwd=tmp_path, ignore_sigint=True)
     try:
         output = wait_for_line(log, "Press Ctrl-C to stop.", process, timeout=400)
-        assert "generating a synthetic sample set" in output
+        assert "training on a synthetic sample set" in output
         assert f"MLflow UI  {mlflow_url}" in output and f"webapp     {webapp_url}" in output
 
         # Both UIs answer; the webapp serves version 1, trained on the synthetic set.
@@ -87,7 +87,7 @@ def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
         assert health["model"]["version"] == "1" and health["model"]["synthetic"] is True
         film = list_split(state / "sample", "test")[0]
         answer = httpx.post(
-            f"{webapp_url}/api/predict", files={"file": (film.path.name, film.read_bytes())}
+            f"{webapp_url}/api/predict", files={"file": (film.name, film.read_bytes())}
         )
         assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
 
@@ -102,8 +102,8 @@ def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
     process = start([str(BIN / "hm-mlflow"), "up"], log2, env, cwd=tmp_path)
     try:
         output = wait_for_line(log2, "Press Ctrl-C to stop.", process, timeout=180)
-        assert "Production model: chest-xray-pneumonia version 1" in output
-        assert "training a first one" not in output
+        assert "chest-xray-pneumonia version 1 holds the alias 'production'" in output
+        assert "synthetic sample set" not in output
         client = MlflowClient(mlflow_url)
         experiment = client.get_experiment_by_name("chest-xray")
         assert len(client.search_runs([experiment.experiment_id])) == 1
@@ -118,7 +118,7 @@ def test_sigterm_during_the_first_training_leaves_nothing_behind(platform_env, t
     log = tmp_path / "up.log"
     process = start([str(BIN / "hm-mlflow"), "up"], log, platform_env, cwd=tmp_path)
     try:
-        wait_for_line(log, "training a first one", process, timeout=300)
+        wait_for_line(log, "training on a synthetic sample set", process, timeout=300)
         process.send_signal(signal.SIGTERM)  # to the supervisor alone, as `kill PID` does
         assert process.wait(60) == 0
         assert "Stopping" in log.read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from statistics import median
 
 import cv2
@@ -69,7 +70,7 @@ def test_formats_channels_and_framing_do_not_reveal_the_class(sample_root):
     for s in samples:
         image = cv2.imdecode(np.frombuffer(s.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
         shapes[s.label].append(image.shape[:2])
-        suffixes.add(s.path.suffix)
+        suffixes.add(Path(s.location).suffix)
         channels.add(1 if image.ndim == 2 else image.shape[2])
     assert suffixes == {".jpeg", ".png"}
     assert channels == {1, 3}

@@ -25,7 +25,7 @@ def post(url: str, data: bytes, name: str = "xray.jpeg", path: str = "/api/predi
 
 @pytest.fixture(scope="module")
 def xray(sample_root) -> bytes:
-    return next(s for s in list_split(sample_root, "test") if s.path.suffix == ".jpeg").read_bytes()
+    return next(s for s in list_split(sample_root, "test") if s.name.endswith(".jpeg")).read_bytes()
 
 
 def test_model_appears_and_is_swapped_without_a_restart(mlflow_server, sample_root, tmp_path):
@@ -58,7 +58,7 @@ def test_model_appears_and_is_swapped_without_a_restart(mlflow_server, sample_ro
 def test_api_answers_label_probability_and_model(webapp, trained, sample_root):
     settings, _ = trained
     for sample in list_split(sample_root, "test")[:6]:
-        response = post(webapp, sample.read_bytes(), sample.path.name)
+        response = post(webapp, sample.read_bytes(), sample.name)
         assert response.status_code == 200
         body = response.json()
         assert set(body) == {"label", "probability", "model"}

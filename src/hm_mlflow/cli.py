@@ -1,7 +1,7 @@
 """The `hm-mlflow` command: each subcommand is a few lines over the package's modules.
 
 Every subcommand honours MLFLOW_TRACKING_URI (a server URL or a `sqlite:///` file) and the
-HM_* settings of `hm_mlflow.config`.
+HM_* settings of `hm_mlflow.config`. Containers run these commands as they are.
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ from pathlib import Path
 import click
 
 from hm_mlflow import __version__
-from hm_mlflow.config import get_settings
+from hm_mlflow.config import Settings, get_settings
+
+DATA_HELP = (
+    "Data root in the Kaggle layout: a folder or an s3://bucket/prefix [default: HM_DATA_DIR]."
+)
 
 
 def plain_errors(command):
-    """Report the errors a user can act on (missing data, model or server) as one clear line
-    instead of a traceback."""
+    """Report the errors a user can act on (missing data, model, bucket or server, refused
+    credentials) as one clear line instead of a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -36,6 +40,8 @@ def plain_errors(command):
             TrackingServerUnavailable,
             FileNotFoundError,
             FileExistsError,
+            PermissionError,
+            ConnectionError,
         ) as exc:
             raise click.ClickException(str(exc)) from exc
 
@@ -70,17 +76,19 @@ def up() -> None:
 
 
 @cli.command()
-@click.option(
-    "--data",
-    "data",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Data root in the Kaggle layout [default: HM_DATA_DIR].",
-)
-@click.option(
-    "--force", is_flag=True, help="Promote even if the current Production model is better."
-)
+@click.option("--data", default=None, help=DATA_HELP)
+@click.option("--force", is_flag=True, help="Promote even if the Production model is better.")
 @click.option("--no-promote", is_flag=True, help="Register the version but never move the alias.")
+@click.option(
+    "--if-no-production",
+    is_flag=True,
+    help="Do nothing when a version already holds the Production alias (first-run bootstrap).",
+)
+@click.option(
+    "--sample-if-empty",
+    is_flag=True,
+    help="When DATA has no train split, train on a synthetic sample set in HM_STATE_DIR/sample.",
+)
 @click.option(
     "--param",
     "params",
@@ -89,36 +97,66 @@ def up() -> None:
     help="Estimator hyper-parameter, e.g. --param C=0.1 (repeatable).",
 )
 @plain_errors
-def train(data: Path | None, force: bool, no_promote: bool, params: tuple[str, ...]) -> None:
+def train(
+    data: str | None,
+    force: bool,
+    no_promote: bool,
+    if_no_production: bool,
+    sample_if_empty: bool,
+    params: tuple[str, ...],
+) -> None:
     """Train on DATA/train, log to MLflow, register, and promote if better."""
+    from hm_mlflow.dataset import list_split
+    from hm_mlflow.synthetic import write_sample_set
     from hm_mlflow.train import train as run_training
 
     settings = get_settings()
+    data = data or str(settings.data_dir)
+    if if_no_production:
+        current = _production(settings)
+        if current is not None:
+            click.echo(
+                f"{settings.model_name} version {current.version} holds the alias "
+                f"'{settings.model_alias}': nothing to train."
+            )
+            return
+    if sample_if_empty and not list_split(data, "train"):
+        sample = settings.state_dir / "sample"
+        click.echo(
+            f"No images in {data}/train: training on a synthetic sample set in {sample} "
+            "(see source/README.md for the real data set).",
+            err=True,
+        )
+        data = str(write_sample_set(sample, settings.sample_size, settings.seed))
     result = run_training(
-        data or settings.data_dir,
-        settings,
-        force=force,
-        promote=not no_promote,
-        params=_parse_params(params),
+        data, settings, force=force, promote=not no_promote, params=_parse_params(params)
     )
     shown = {
         k: round(v, 4)
         for k, v in result.metrics.items()
         if k.startswith(("cv_oof_", "val_", "test_"))
     }
-    click.echo(
-        json.dumps(
-            {
-                "run_id": result.run_id,
-                "model": settings.model_name,
-                "version": result.version,
-                "promoted": result.decision.promote,
-                "reason": result.decision.reason,
-                "metrics": shown,
-            },
-            indent=2,
-        )
-    )
+    summary = {
+        "run_id": result.run_id,
+        "model": settings.model_name,
+        "version": result.version,
+        "promoted": result.decision.promote,
+        "reason": result.decision.reason,
+        "metrics": shown,
+    }
+    click.echo(json.dumps(summary, indent=2))
+
+
+def _production(settings: Settings):
+    """The version holding the Production alias, or None."""
+    from mlflow import MlflowClient
+
+    from hm_mlflow.registry import Registry
+    from hm_mlflow.tracking import require_server
+
+    require_server(settings.tracking_uri)
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    return Registry(settings.model_name, settings.model_alias, client).production()
 
 
 def _parse_params(pairs: tuple[str, ...]) -> dict[str, float]:
@@ -132,12 +170,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, float]:
 
 
 @cli.command()
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Data root in the Kaggle layout [default: HM_DATA_DIR].",
-)
+@click.option("--data", default=None, help=DATA_HELP)
 @click.option(
     "--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"])
 )
@@ -146,7 +179,7 @@ def _parse_params(pairs: tuple[str, ...]) -> dict[str, float]:
     "--json", "as_json", is_flag=True, help="Print one JSON object on stdout, nothing else."
 )
 @plain_errors
-def evaluate(data: Path | None, split: str, model_uri: str | None, as_json: bool) -> None:
+def evaluate(data: str | None, split: str, model_uri: str | None, as_json: bool) -> None:
     """Score a registered or logged model on one split (PNEUMONIA is the positive class)."""
     import mlflow
 
@@ -158,7 +191,10 @@ def evaluate(data: Path | None, split: str, model_uri: str | None, as_json: bool
     mlflow.set_tracking_uri(settings.tracking_uri)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the result and nothing else
         result = evaluate_model(
-            model_uri or settings.model_uri, data or settings.data_dir, split, progress=not as_json
+            model_uri or settings.model_uri,
+            data or str(settings.data_dir),
+            split,
+            progress=not as_json,
         )
     if as_json:
         click.echo(json.dumps(result))

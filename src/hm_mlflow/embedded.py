@@ -22,11 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow import MlflowClient
-
 from hm_mlflow.config import Settings
-from hm_mlflow.dataset import list_split
-from hm_mlflow.registry import Registry
 from hm_mlflow.tracking import fetch
 
 BIN = Path(sys.executable).parent  # the environment's console scripts: mlflow, hm-mlflow
@@ -189,36 +185,22 @@ class Platform:
                 )
 
     def bootstrap(self) -> None:
-        """Train and promote a first model when the registry has no Production version.
-
-        Sample generation and training run as the same commands a person or a container runs,
-        in child processes, so the supervisor stays small."""
-        registry = Registry(
-            self.settings.model_name,
-            self.settings.model_alias,
-            MlflowClient(tracking_uri=self.mlflow_url),
+        """Train and promote a first model when no version holds the Production alias: on the
+        data folder if it has a train split, else on a generated sample set. The same command a
+        person, a container or the ECS task runs, in a child process."""
+        done = subprocess.run(
+            [
+                str(BIN / "hm-mlflow"),
+                "train",
+                "--data",
+                str(self.settings.data_dir),
+                "--if-no-production",
+                "--sample-if-empty",
+            ],
+            env={**os.environ, **self.env},
         )
-        current = registry.production()
-        if current is not None:
-            print(f"Production model: {registry.name} version {current.version}", flush=True)
-            return
-        data = self.settings.data_dir
-        if not list_split(data, "train"):
-            data = self.settings.state_dir / "sample"
-            print(
-                f"No images in {self.settings.data_dir}/train: generating a synthetic sample set "
-                f"in {data} (see source/README.md for the real data set).",
-                flush=True,
-            )
-            self.run(["sample", "--out", str(data)])
-        print(f"No Production model yet: training a first one on {data}", flush=True)
-        self.run(["train", "--data", str(data)])
-
-    def run(self, args: list[str]) -> None:
-        """Run an hm-mlflow subcommand against the platform's MLflow; fail if it fails."""
-        done = subprocess.run([str(BIN / "hm-mlflow"), *args], env={**os.environ, **self.env})
         if done.returncode != 0:
-            raise PlatformError(f"hm-mlflow {' '.join(args)} failed (exit {done.returncode})")
+            raise PlatformError(f"the first training run failed (exit {done.returncode})")
 
     def up(self) -> None:
         _stop_on_signals()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import posixpath
 import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from hm_mlflow.augment import augment
 from hm_mlflow.config import Settings
 from hm_mlflow.dataset import (
     Sample,
+    is_s3,
     is_synthetic,
     list_split,
     manifest,
@@ -89,7 +91,7 @@ def extract_features(
     return np.concatenate(matrices), X_aug, digests
 
 
-def gate_split(data_root: Path) -> str | None:
+def gate_split(data_root: str) -> str | None:
     """The split both candidate and Production are judged on: `test`, else `val`."""
     return next((s for s in ("test", "val") if list_split(data_root, s)), None)
 
@@ -103,8 +105,9 @@ def train(
     params: dict | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train on `data_root/train`, log the run, register a version and run the promotion gate."""
-    data_root = Path(data_root)
+    """Train on `data_root/train` (a folder or an s3:// prefix), log the run, register a version
+    and run the promotion gate."""
+    data_root = str(data_root)
     samples = require_split(data_root, "train")
     y = np.array([s.label for s in samples])
     groups = np.array([s.patient for s in samples])
@@ -129,7 +132,10 @@ def train(
         with warnings.catch_warnings():  # MLflow registers the local file source twice
             warnings.filterwarnings("ignore", message="The specified dataset source")
             dataset = mlflow.data.from_pandas(
-                table, source=str(data_root.resolve()), name=data_root.name, targets="label"
+                table,
+                source=data_root if is_s3(data_root) else str(Path(data_root).resolve()),
+                name=posixpath.basename(data_root.rstrip("/")),
+                targets="label",
             )
         mlflow.log_input(dataset, context="training")
         mlflow.log_table(table, "data/train_manifest.json")
@@ -229,7 +235,7 @@ def train(
 
 
 def _gate(
-    registry: Registry, holdout: dict, data_root: Path, settings: Settings, force: bool
+    registry: Registry, holdout: dict, data_root: str, settings: Settings, force: bool
 ) -> Decision:
     """Compare the candidate with the current Production version on the same held-out images;
     the incumbent's figures are logged to the run as `gate_incumbent_*`."""
