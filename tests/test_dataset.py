@@ -96,3 +96,10 @@ def test_shared_data_layout_and_patients():
         by_patient.setdefault(sample.patient, set()).add(sample.label)
     assert all(len(labels) == 1 for labels in by_patient.values())
     assert len(by_patient) < len(train)  # some patients have several films
+
+
+def test_data_dir_setting_keeps_an_s3_uri(monkeypatch):
+    from hm_mlflow.config import Settings
+
+    monkeypatch.setenv("HM_DATA_DIR", "s3://datasource/chest_xray")
+    assert Settings().data_dir == "s3://datasource/chest_xray"

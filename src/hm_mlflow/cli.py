@@ -106,12 +106,10 @@ def train(
     params: tuple[str, ...],
 ) -> None:
     """Train on DATA/train, log to MLflow, register, and promote if better."""
-    from hm_mlflow.dataset import list_split
-    from hm_mlflow.synthetic import write_sample_set
     from hm_mlflow.train import train as run_training
+    from hm_mlflow.train import training_data
 
     settings = get_settings()
-    data = data or str(settings.data_dir)
     if if_no_production:
         current = _production(settings)
         if current is not None:
@@ -120,14 +118,7 @@ def train(
                 f"'{settings.model_alias}': nothing to train."
             )
             return
-    if sample_if_empty and not list_split(data, "train"):
-        sample = settings.state_dir / "sample"
-        click.echo(
-            f"No images in {data}/train: training on a synthetic sample set in {sample} "
-            "(see source/README.md for the real data set).",
-            err=True,
-        )
-        data = str(write_sample_set(sample, settings.sample_size, settings.seed))
+    data = training_data(data, settings, sample_if_empty)
     result = run_training(
         data, settings, force=force, promote=not no_promote, params=_parse_params(params)
     )

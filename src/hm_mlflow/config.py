@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     experiment: str = "chest-xray"
 
     # Data and local state
-    data_dir: Path = Path("source/chest_xray")
+    data_dir: str = "source/chest_xray"  # a folder or s3://bucket/prefix (a Path would eat "//")
     state_dir: Path = Path(".state")
 
     # Embedded platform: where `hm-mlflow up` runs its two servers

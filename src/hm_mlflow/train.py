@@ -37,6 +37,7 @@ from hm_mlflow.evaluate import evaluate_model
 from hm_mlflow.metrics import METRIC_NAMES, binary_metrics
 from hm_mlflow.packaging import log_model
 from hm_mlflow.registry import Decision, Registry, decide
+from hm_mlflow.synthetic import write_sample_set
 from hm_mlflow.tracking import require_server
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,22 @@ def extract_features(
             bar.update(len(batch_digests))
     X_aug = np.concatenate(augmented).transpose(1, 0, 2)  # (copies, n, d)
     return np.concatenate(matrices), X_aug, digests
+
+
+def training_data(data: str | None, settings: Settings, sample_if_empty: bool = False) -> str:
+    """The data root to train on: `data` or HM_DATA_DIR; with `sample_if_empty`, a synthetic
+    sample set (generated once into HM_STATE_DIR/sample) when that root has no train split."""
+    data = data or str(settings.data_dir)
+    if sample_if_empty and not list_split(data, "train"):
+        sample = settings.state_dir / "sample"
+        log.warning(
+            "no images in %s/train: training on a synthetic sample set in %s "
+            "(see source/README.md for the real data set)",
+            data,
+            sample,
+        )
+        data = str(write_sample_set(sample, settings.sample_size, settings.seed))
+    return data
 
 
 def gate_split(data_root: str) -> str | None:
