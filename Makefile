@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# docker-compose 1.29.2 validates and renders docker-compose.yaml offline; it needs an old PyYAML,
+# hence a virtual environment of its own.
+COMPOSE := .venv-compose/bin/docker-compose
 
 .PHONY: help up test lint train sample bench clean lock
 
@@ -18,10 +21,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
+$(COMPOSE): .ci/docker-compose-constraints.txt
+	test -x .venv-compose/bin/python || $(PYTHON) -m venv .venv-compose
+	.venv-compose/bin/pip install --quiet -c $< "cython<3" wheel setuptools
+	.venv-compose/bin/pip install --quiet -c $< --no-build-isolation pyyaml
+	.venv-compose/bin/pip install --quiet -c $< docker-compose==1.29.2
+	touch $@
+
 up: $(STAMP)  ## run MLflow + the webapp on this machine (Ctrl-C stops both)
 	$(BIN)/hm-mlflow up
 
-test: lint  ## lint, then the whole test suite
+test: lint $(COMPOSE)  ## lint, then the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff: lint rules and formatting
@@ -41,7 +51,8 @@ bench: $(STAMP)  ## benchmarks on ../shared/data/cxr: feature throughput, model 
 lock:  ## re-pin every transitive dependency in constraints.txt from a fresh environment
 	rm -rf /tmp/hm-mlflow-lock && $(PYTHON) -m venv /tmp/hm-mlflow-lock
 	/tmp/hm-mlflow-lock/bin/pip install --quiet -e ".[dev]"
-	/tmp/hm-mlflow-lock/bin/pip freeze --exclude-editable | grep -v '^hm-mlflow' > constraints.txt
+	{ echo '# Every transitive dependency, pinned: regenerate with `make lock`.'; \
+	  /tmp/hm-mlflow-lock/bin/pip freeze --exclude-editable | grep -v '^hm-mlflow'; } > constraints.txt
 
-clean:  ## remove the virtual environment (the state folder .state/ is kept)
-	rm -rf $(VENV)
+clean:  ## remove the virtual environments (the state folder .state/ is kept)
+	rm -rf $(VENV) .venv-compose

@@ -1,0 +1,201 @@
+"""docker-compose.yaml proven without Docker: its services' own commands and environment, run
+as processes in a network namespace (see compose_stack.py), from .env.example as a user copies it.
+
+If a command, port, host name, bucket or variable in the compose file (or a Dockerfile's
+ENTRYPOINT, CMD, ENV or COPY) changes so that the stack would break, these tests fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+from compose_stack import REPO, Stack, can_run, compose_config, fresh_workdir
+
+from hm_mlflow.dataset import list_split
+from hm_mlflow.synthetic import write_sample_set
+
+pytestmark = pytest.mark.integration
+MODEL = "chest-xray-pneumonia"  # HM_MODEL_NAME in .env.example
+
+
+def env_file(workdir: Path, **changes: str) -> Path:
+    """.env.example as a user copies it to .env, with `changes` applied."""
+    lines = []
+    for line in (REPO / ".env.example").read_text().splitlines():
+        key = line.split("=", 1)[0]
+        lines.append(f"{key}={changes.pop(key)}" if key in changes else line)
+    path = workdir / ".env"
+    path.write_text("\n".join(lines + [f"{k}={v}" for k, v in changes.items()]) + "\n")
+    return path
+
+
+@pytest.fixture
+def workdir():
+    reason = can_run()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"the compose parity test must run in CI: {reason}")
+        pytest.skip(reason)
+    path = fresh_workdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def source_with_sample(workdir: Path) -> Path:
+    """What ./source holds for these tests: a small generated set in source/chest_xray."""
+    source = workdir / "source"
+    write_sample_set(source / "chest_xray", n_train=60, seed=5)
+    return source
+
+
+def webapp_health(stack: Stack) -> dict:
+    return httpx.get(f"http://{stack.address}:8080/health", timeout=10).json()
+
+
+def wait_for_model(stack: Stack, version: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = webapp_health(stack)
+        if health["model"] and health["model"]["version"] == version:
+            return health
+        time.sleep(1)
+    raise AssertionError(
+        f"webapp did not serve version {version}: {health}\n{stack.tail('webapp')}"
+    )
+
+
+def mlflow_api(stack: Stack, path: str, auth=None, **params) -> httpx.Response:
+    """MLflow's REST API as the host sees it through the published port: Host localhost:5000
+    (MLflow answers only the host names it is told to)."""
+    return httpx.get(
+        f"http://{stack.address}:5000/api/2.0/mlflow/{path}",
+        params=params,
+        headers={"Host": "localhost:5000"},
+        auth=auth,
+        timeout=30,
+    )
+
+
+def versions(stack: Stack) -> list[int]:
+    found = mlflow_api(stack, "model-versions/search", filter=f"name='{MODEL}'").json()
+    return sorted(int(v["version"]) for v in found["model_versions"])
+
+
+def test_compose_stack_runs_as_declared(workdir, sample_root):
+    config = compose_config(env_file(workdir))
+    source = source_with_sample(workdir)
+    stack = Stack(config, workdir, binds={str(REPO / "source"): source})
+    env = stack.environment("create-buckets")
+    try:
+        # The default profile: postgres, minio, create-buckets, mlflow, webapp and bootstrap.
+        stack.up(["webapp", "bootstrap"])
+        stack.wait("bootstrap", "service_completed_successfully", timeout=600)
+        health = wait_for_model(stack, "1")
+        assert health["model"]["name"] == MODEL
+
+        # The data bucket holds what create-buckets uploaded; MLflow's artifacts are in their
+        # bucket, written by the server (the webapp and trainer hold no artifact keys).
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://{stack.address}:9000",
+            aws_access_key_id=env["MINIO_ROOT_USER"],
+            aws_secret_access_key=env["MINIO_ROOT_PASSWORD"],
+            region_name="us-east-1",
+        )
+        data = s3.list_objects_v2(Bucket=env["DATA_BUCKET"], Prefix="chest_xray/train/")
+        assert data["KeyCount"] == len(list_split(source / "chest_xray", "train"))
+        artifacts = s3.list_objects_v2(Bucket=env["MLFLOW_BUCKET"])["Contents"]
+        assert any(obj["Key"].endswith("/MLmodel") for obj in artifacts)
+        assert "AWS_SECRET_ACCESS_KEY" not in stack.environment("webapp")
+
+        # Someone uploads an X-ray to the webapp.
+        film = list_split(sample_root, "test")[0]
+        answer = httpx.post(
+            f"http://{stack.address}:8080/api/predict",
+            files={"file": (film.name, film.read_bytes())},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == {"name": MODEL, "version": "1"}
+
+        # MLflow from the host, through the published port: the run was trained on the bucket.
+        alias = mlflow_api(stack, "registered-models/alias", name=MODEL, alias="production")
+        run = mlflow_api(stack, "runs/get", run_id=alias.json()["model_version"]["run_id"]).json()
+        tags = {t["key"]: t["value"] for t in run["run"]["data"]["tags"]}
+        params = {p["key"]: p["value"] for p in run["run"]["data"]["params"]}
+        assert tags["hm.data_root"] == "s3://datasource/chest_xray"
+        assert int(params["data.n_images"]) == data["KeyCount"]
+
+        # docker compose --profile train up trainer
+        stack.up(["trainer"])
+        stack.wait("trainer", "service_completed_successfully", timeout=600)
+        assert versions(stack) == [1, 2]
+
+        # docker compose --profile notebook up jupyter: the token guards it, the notebook runs
+        stack.up(["jupyter"])
+        stack.wait("jupyter", "service_healthy", timeout=120)
+        jupyter = f"http://{stack.address}:8888"
+        token = stack.environment("jupyter")["JUPYTER_TOKEN"]
+        assert httpx.get(f"{jupyter}/api/contents").status_code == 403
+        listing = httpx.get(f"{jupyter}/api/contents", params={"token": token}).json()
+        assert "train.ipynb" in {item["name"] for item in listing["content"]}
+        # ...and runs, in the jupyter service's environment.
+        notebook_env = stack.environment("jupyter")
+        nbconvert = [
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            "--output-dir",
+            notebook_env["HOME"],
+            str(REPO / "jupyter" / "notebooks" / "train.ipynb"),
+        ]
+        executed = subprocess.run(
+            stack.ns.argv(nbconvert),
+            env=notebook_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert executed.returncode == 0, executed.stderr[-3000:]
+        assert versions(stack) == [1, 2, 3]
+    finally:
+        stack.close()
+
+
+def test_compose_stack_with_mlflow_authentication(workdir):
+    admin_password = "parity-admin-password"
+    config = compose_config(
+        env_file(
+            workdir,
+            MLFLOW_AUTH="true",
+            MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+            MLFLOW_TRACKING_USERNAME="admin",
+            MLFLOW_TRACKING_PASSWORD=admin_password,
+            HM_SAMPLE_SIZE="60",
+        )
+    )
+    stack = Stack(config, workdir, binds={str(REPO / "source"): workdir / "empty-source"})
+    (workdir / "empty-source").mkdir()
+    try:
+        # No data in the bucket: bootstrap trains on a generated sample set, signed in.
+        stack.up(["webapp", "bootstrap"])
+        stack.wait("bootstrap", "service_completed_successfully", timeout=600)
+        health = wait_for_model(stack, "1")
+        assert health["model"]["synthetic"] is True and health["last_error"] is None
+
+        path = "registered-models/search"
+        assert mlflow_api(stack, path).status_code == 401
+        assert mlflow_api(stack, path, auth=("admin", "wrong-password")).status_code == 401
+        assert mlflow_api(stack, path, auth=("admin", admin_password)).status_code == 200
+    finally:
+        stack.close()
