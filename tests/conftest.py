@@ -16,6 +16,7 @@ from support import (
     S3_KEY,
     S3_SECRET,
     free_port,
+    free_port_pair,
     make_settings,
     serve,
     start,
@@ -89,7 +90,7 @@ def webapp(trained, tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> str:
     """A real S3 API (SeaweedFS) on a free port; returns its endpoint URL."""
-    port = free_port()
+    port = free_port_pair()
     process = start_seaweed(tmp_path_factory.mktemp("s3"), port)
     endpoint = f"http://127.0.0.1:{port}"
     client = boto3.client(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -133,30 +134,43 @@ def wait_for_version(url: str, version: str, timeout: float = 60) -> dict:
 S3_KEY, S3_SECRET = "hm-test-key", "hm-test-secret-key"
 
 
+def free_port_pair() -> int:
+    """A free port whose +10000 twin (SeaweedFS's gRPC port for it) is free too."""
+    while True:
+        port = random.randint(20000, 45000)
+        if all(_is_free(p) for p in (port, port + 10000)):
+            return port
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def start_seaweed(
-    state: Path,
-    port: int,
-    key: str = S3_KEY,
-    secret: str = S3_SECRET,
-    ip: str = "127.0.0.1",
-    wrap: list[str] | None = None,
+    state: Path, port: int, key: str = S3_KEY, secret: str = S3_SECRET
 ) -> subprocess.Popen:
-    """SeaweedFS as the S3 API (MinIO's stand-in on these machines), persisting to `state`."""
+    """SeaweedFS as the S3 API (MinIO's stand-in on these machines), persisting to `state`, on
+    free ports throughout (its defaults include 8888 and 9333, often taken)."""
     state.mkdir(parents=True, exist_ok=True)
+    ports = {f"-{part}.port={free_port_pair()}" for part in ("master", "volume", "filer", "webdav")}
     argv = [
         str(BIN / "weed"),
         "mini",
         f"-dir={state}",
-        f"-ip={ip}",
-        f"-ip.bind={ip}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
         "-master.telemetry=false",
         "-admin.ui=false",
         f"-s3.port={port}",
+        *sorted(ports),
     ]
     return start(
-        [*(wrap or []), *argv],
-        state / "weed.log",
-        {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret},
+        argv, state / "weed.log", {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
     )
 
 
