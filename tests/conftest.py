@@ -5,19 +5,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import boto3
 import pytest
 
-from hm_mlflow.embedded import MLFLOW_SERVER_ENV
+from hm_mlflow.config import Settings
+from hm_mlflow.embedded import MLFLOW_SERVER_ENV, mlflow_server_command
 from hm_mlflow.synthetic import write_sample_set
 
 from support import (
-    BIN,
-    S3_KEY,
-    S3_SECRET,
     free_port,
     free_port_pair,
     make_settings,
+    s3_client,
     serve,
     start,
     start_seaweed,
@@ -38,21 +36,9 @@ def mlflow_server(tmp_path_factory) -> str:
     """A real MLflow tracking server: SQLite backend, artifacts proxied into a local folder."""
     state = tmp_path_factory.mktemp("mlflow")
     port = free_port()
+    settings = Settings(mlflow_host="127.0.0.1", mlflow_port=port, state_dir=state)
     process = start(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{state / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(state / "artifacts"),
-        ],
+        mlflow_server_command(settings),
         state / "server.log",
         MLFLOW_SERVER_ENV,
     )
@@ -93,13 +79,7 @@ def s3_server(tmp_path_factory) -> str:
     port = free_port_pair()
     process = start_seaweed(tmp_path_factory.mktemp("s3"), port)
     endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_KEY,
-        aws_secret_access_key=S3_SECRET,
-        region_name="us-east-1",
-    )
+    client = s3_client(endpoint)
     deadline = time.monotonic() + 60
     while True:
         try:

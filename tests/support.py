@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import boto3
 import httpx
 import pytest
 
@@ -93,6 +94,22 @@ def make_settings(tracking_uri: str, **overrides) -> Settings:
     return Settings(**values)
 
 
+def run_hm_mlflow(
+    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600, inherit_env: bool = True
+) -> subprocess.CompletedProcess:
+    """Run the `hm-mlflow` console script to completion, output captured. `env` is added to this
+    process's environment, or with `inherit_env=False` is the whole environment."""
+    return subprocess.run(
+        [str(BIN / "hm-mlflow"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env} if inherit_env else env,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def require_chromium() -> str:
     """Path of Debian's Chromium; a skip on a developer machine without it, an error in CI."""
     path = "/usr/bin/chromium"
@@ -132,6 +149,17 @@ def wait_for_version(url: str, version: str, timeout: float = 60) -> dict:
 
 
 S3_KEY, S3_SECRET = "hm-test-key", "hm-test-secret-key"
+
+
+def s3_client(endpoint: str):
+    """A boto3 S3 client for the test S3 server at `endpoint`."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_SECRET,
+        region_name="us-east-1",
+    )
 
 
 def free_port_pair() -> int:

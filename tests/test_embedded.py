@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from hm_mlflow.dataset import list_split
 
-from support import BIN, free_port, start, stop
+from support import BIN, free_port, run_hm_mlflow, start, stop
 
 pytestmark = pytest.mark.integration
 
@@ -132,15 +132,7 @@ def test_up_refuses_a_busy_port_with_a_clear_message(platform_env, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", int(platform_env["HM_MLFLOW_PORT"])))
         busy.listen()
-        done = subprocess.run(
-            [str(BIN / "hm-mlflow"), "up"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **platform_env},
-            cwd=tmp_path,
-            timeout=60,
-            check=False,
-        )
+        done = run_hm_mlflow(["up"], platform_env, tmp_path, timeout=60)
     assert done.returncode != 0
     assert f"port {platform_env['HM_MLFLOW_PORT']}" in done.stderr
     assert "HM_MLFLOW_PORT" in done.stderr

@@ -3,30 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
 from mlflow import MlflowClient
 
 from hm_mlflow import dataset
 
-from support import BIN, S3_KEY, S3_SECRET, free_port, s3_env
+from support import free_port, run_hm_mlflow, s3_client, s3_env
 
 pytestmark = pytest.mark.integration
 
 
 def upload_tree(endpoint: str, local: Path, bucket: str, prefix: str) -> None:
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_KEY,
-        aws_secret_access_key=S3_SECRET,
-        region_name="us-east-1",
-    )
+    client = s3_client(endpoint)
     client.create_bucket(Bucket=bucket)
     for path in local.rglob("*"):
         if path.is_file():
@@ -87,18 +78,6 @@ def test_wrong_credentials_and_dead_endpoint(s3_server, s3_root, monkeypatch):
     dataset._s3.cache_clear()
 
 
-def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "hm-mlflow"), *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        cwd=cwd,
-        timeout=600,
-        check=False,
-    )
-
-
 def test_train_command_reads_s3_data(mlflow_server, s3_server, s3_root, tmp_path):
     name = f"cxr-{uuid.uuid4().hex[:8]}"
     env = {
@@ -108,7 +87,7 @@ def test_train_command_reads_s3_data(mlflow_server, s3_server, s3_root, tmp_path
         "HM_CV_FOLDS": "3",
         "HM_AUGMENT_COPIES": "1",
     }
-    done = run_cli(["train", "--data", s3_root], env, tmp_path)
+    done = run_hm_mlflow(["train", "--data", s3_root], env, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout[done.stdout.index("{") :])
     assert summary["promoted"] and summary["version"] == "1"
@@ -120,7 +99,7 @@ def test_train_command_reads_s3_data(mlflow_server, s3_server, s3_root, tmp_path
 
 def test_train_command_reports_a_missing_bucket_in_one_line(mlflow_server, s3_server, tmp_path):
     env = {**s3_env(s3_server), "MLFLOW_TRACKING_URI": mlflow_server}
-    done = run_cli(["train", "--data", "s3://no-such-bucket-here/chest_xray"], env, tmp_path)
+    done = run_hm_mlflow(["train", "--data", "s3://no-such-bucket-here/chest_xray"], env, tmp_path)
     assert done.returncode == 1
     assert "Error: the bucket of s3://no-such-bucket-here" in done.stderr
     assert "Traceback" not in done.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import mlflow
@@ -19,7 +18,7 @@ from hm_mlflow.dataset import list_split
 from hm_mlflow.evaluate import evaluate_model
 from hm_mlflow.train import train
 
-from support import BIN, make_settings
+from support import BIN, make_settings, run_hm_mlflow
 
 pytestmark = pytest.mark.integration
 EVALUATE_KEYS = {"n", "accuracy", "roc_auc", "sensitivity", "specificity", "threshold"}
@@ -137,25 +136,12 @@ def test_gate_rejects_a_model_that_is_not_better_and_force_overrides(mlflow_serv
     )
 
 
-def _evaluate_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "hm-mlflow"), "evaluate", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-        check=False,
-    )
-
-
 def test_evaluate_cli_prints_one_json_object(trained, sample_root, tmp_path):
     settings, _ = trained
     uri = f"models:/{settings.model_name}@production"
     env = {"PATH": str(BIN), "MLFLOW_TRACKING_URI": settings.tracking_uri, "HOME": str(tmp_path)}
-    done = _evaluate_cli(
-        ["--data", str(sample_root), "--split", "test", "--model-uri", uri, "--json"], env, tmp_path
-    )
+    args = ["evaluate", "--data", str(sample_root), "--split", "test", "--model-uri", uri, "--json"]
+    done = run_hm_mlflow(args, env, tmp_path, timeout=300, inherit_env=False)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # the whole of stdout is one JSON object
     assert set(result) == EVALUATE_KEYS
@@ -178,7 +164,8 @@ def test_every_command_works_on_a_sqlite_uri_without_a_server(sample_root, tmp_p
         "HOME": str(tmp_path),
         "HM_MODEL_NAME": settings.model_name,
     }
-    done = _evaluate_cli(["--data", str(sample_root), "--split", "val", "--json"], env, tmp_path)
+    args = ["evaluate", "--data", str(sample_root), "--split", "val", "--json"]
+    done = run_hm_mlflow(args, env, tmp_path, timeout=300, inherit_env=False)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert set(result) == EVALUATE_KEYS and result["n"] == 16
@@ -186,11 +173,9 @@ def test_every_command_works_on_a_sqlite_uri_without_a_server(sample_root, tmp_p
 
 def test_evaluate_cli_reports_a_missing_model_plainly(mlflow_server, sample_root, tmp_path):
     env = {"PATH": str(BIN), "MLFLOW_TRACKING_URI": mlflow_server, "HOME": str(tmp_path)}
-    done = _evaluate_cli(
-        ["--data", str(sample_root), "--model-uri", "models:/no-such-model@production", "--json"],
-        env,
-        tmp_path,
-    )
+    uri = "models:/no-such-model@production"
+    args = ["evaluate", "--data", str(sample_root), "--model-uri", uri, "--json"]
+    done = run_hm_mlflow(args, env, tmp_path, timeout=300, inherit_env=False)
     assert done.returncode != 0
     assert done.stdout == ""
     assert "no-such-model" in done.stderr
