@@ -91,8 +91,8 @@ def test_rows_stack_copies_with_their_originals_labels_and_patients():
 def test_anatomy_view_reads_intensity_and_hog_columns():
     estimator = modeling.build_estimator()
     anatomy = dict(estimator.estimators)["anatomy"]
-    selected = anatomy.named_steps["select"].transformers[0][2]
-    assert selected == features.group_columns("intensity", "hog")
+    selected = anatomy.named_steps["select"].kw_args["indices"]
+    np.testing.assert_array_equal(selected, features.group_columns("intensity", "hog"))
     assert len(selected) < features.n_features()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -81,6 +82,12 @@ def test_model_carries_its_own_preprocessing(trained, tmp_path):
         == hashlib.sha256(Path(features.__file__).read_bytes()).digest()
     )
     assert (local / "model_code.py").is_file()
+    # Two linear models per calibration fold: small on disk and small to parse when loading
+    # (a ColumnTransformer's index lists once made it 50 MB of JSON).
+    estimator = next(local.rglob("estimator.skops"))
+    assert estimator.stat().st_size < 2_000_000
+    with zipfile.ZipFile(estimator) as archive:
+        assert sum(member.file_size for member in archive.infolist()) < 5_000_000
     requirements = (local / "requirements.txt").read_text()
     assert "opencv-python-headless==" in requirements and "scikit-learn==" in requirements
 

@@ -209,7 +209,7 @@ def describe(canvas: np.ndarray) -> np.ndarray:
     return np.concatenate([d(canvas) for d in DESCRIPTORS.values()]).astype(np.float32)
 
 
-def group_columns(*names: str) -> list[int]:
+def group_columns(*names: str) -> np.ndarray:
     """Column indices of the named descriptor groups in the feature vector."""
     blank = np.zeros((CANVAS, CANVAS), np.float32)
     columns, start = [], 0
@@ -218,7 +218,7 @@ def group_columns(*names: str) -> list[int]:
         if name in names:
             columns += range(start, start + width)
         start += width
-    return columns
+    return np.array(columns, dtype=np.int64)
 
 
 def from_image(image: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def log_model(
     """
     with tempfile.TemporaryDirectory() as tmp:
         estimator_path = Path(tmp) / "estimator.skops"
-        skops.io.dump(estimator, estimator_path)
+        skops.io.dump(estimator, estimator_path, compression=zipfile.ZIP_DEFLATED)
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
