@@ -99,14 +99,6 @@ class CrossValidation:
     augmented: np.ndarray  # (copies, n) the same for each augmented copy
     fold: np.ndarray  # (n,) the fold each image was held out in
 
-    def threshold(self, y: np.ndarray) -> float:
-        """The cut chosen on the originals and their augmented copies together, so it holds
-        for films framed and exposed unlike the training set (see `choose_threshold`)."""
-        reps = 1 + len(self.augmented)
-        return choose_threshold(
-            np.tile(y, reps), np.concatenate([self.probability, *self.augmented])
-        )
-
     def summary(self, y: np.ndarray, threshold: float) -> dict[str, float]:
         """Mean and standard deviation over folds of each metric at `threshold`, as `cv_*`."""
         per_fold = [
