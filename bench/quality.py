@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import cv2
+import mlflow
 import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 
@@ -53,6 +55,18 @@ def template(data: Path, settings: Settings) -> dict[str, dict]:
     return {"cv": binary_metrics(y, oof, 0.5), "val": binary_metrics(yv, pv, 0.5)}
 
 
+def model_footprint(uri: str, tmp: str) -> tuple[float, float]:
+    """(size in MB of the logged model's files, median seconds to load it as a pyfunc)."""
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=f"{tmp}/footprint"))
+    size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+    loads = []
+    for _ in range(5):
+        started = time.perf_counter()
+        mlflow.pyfunc.load_model(uri)
+        loads.append(time.perf_counter() - started)
+    return size / 1e6, statistics.median(loads)
+
+
 def row(name: str, values: dict, spread: dict | None = None) -> str:
     cells = []
     for key in METRIC_NAMES:
@@ -78,6 +92,7 @@ def main() -> None:
         result = train(args.data, settings, force=True)
         elapsed = time.perf_counter() - started
         baseline = template(args.data, settings)
+        size_mb, load_s = model_footprint(f"models:/{settings.model_name}/{result.version}", tmp)
 
     m = result.metrics
     mean = {k: m[f"cv_{k}_mean"] for k in METRIC_NAMES}
@@ -86,7 +101,8 @@ def main() -> None:
         f"\nhm-mlflow train, defaults, on {args.data}: {elapsed:.0f} s end to end "
         f"(features, {settings.cv_folds}-fold grouped CV, final fit, logging, val scoring)"
     )
-    print(f"decision threshold {m['threshold']:.3f}\n")
+    print(f"decision threshold {m['threshold']:.3f}")
+    print(f"logged model {size_mb:.2f} MB on disk, loaded in {load_s:.2f} s (median of 5)\n")
     print(f"{'':<34}" + "".join(f"{k:>14}" for k in METRIC_NAMES))
     print(row("grouped CV, mean ± sd over folds", mean, std))
     print(row("grouped CV, pooled out-of-fold", {k: m[f"cv_oof_{k}"] for k in METRIC_NAMES}))
