@@ -27,7 +27,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -36,8 +35,9 @@ from pathlib import Path
 
 import yaml
 
+from support import BIN, seaweed_argv
+
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 COMPOSE = REPO / ".venv-compose" / "bin" / "docker-compose"
 
 
@@ -372,21 +372,9 @@ class Stack:
             AWS_ACCESS_KEY_ID=env["MINIO_ROOT_USER"],
             AWS_SECRET_ACCESS_KEY=env["MINIO_ROOT_PASSWORD"],
         )
-        argv = [
-            str(BIN / "weed"),
-            "mini",
-            f"-dir={data}",
-            "-ip=127.0.0.1",
-            "-ip.bind=0.0.0.0",
-            "-master.telemetry=false",
-            "-admin.ui=false",
-            f"-s3.port={port}",
-            "-master.port=19333",
-            "-volume.port=19340",
-            "-filer.port=18888",
-            "-webdav.port=17333",
-            "-admin.port=23646",
-        ]
+        # In the namespace SeaweedFS's other servers have the ports to themselves.
+        ports = {"master": 19333, "volume": 19340, "filer": 18888, "webdav": 17333, "admin": 23646}
+        argv = seaweed_argv(data, int(port), ports, bind="0.0.0.0")
         return self._popen(name, argv, env, data)
 
     def healthy(self, name: str) -> bool:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from hm_mlflow.config import Settings
+from hm_mlflow.embedded import port_free
 
 BIN = Path(sys.executable).parent
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
@@ -166,17 +167,24 @@ def free_port_pair() -> int:
     """A free port whose +10000 twin (SeaweedFS's gRPC port for it) is free too."""
     while True:
         port = random.randint(20000, 45000)
-        if all(_is_free(p) for p in (port, port + 10000)):
+        if all(port_free("127.0.0.1", p) for p in (port, port + 10000)):
             return port
 
 
-def _is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def seaweed_argv(state: Path, s3_port: int, ports: dict[str, int], bind: str = "127.0.0.1"):
+    """`weed mini` persisting to `state`, its S3 API on `s3_port` and its other servers
+    (master, volume, filer, ...) on `ports`, listening on `bind`."""
+    return [
+        str(BIN / "weed"),
+        "mini",
+        f"-dir={state}",
+        "-ip=127.0.0.1",
+        f"-ip.bind={bind}",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        f"-s3.port={s3_port}",
+        *(f"-{part}.port={port}" for part, port in sorted(ports.items())),
+    ]
 
 
 def start_seaweed(
@@ -185,20 +193,11 @@ def start_seaweed(
     """SeaweedFS as the S3 API (MinIO's stand-in on these machines), persisting to `state`, on
     free ports throughout (its defaults include 8888 and 9333, often taken)."""
     state.mkdir(parents=True, exist_ok=True)
-    ports = {f"-{part}.port={free_port_pair()}" for part in ("master", "volume", "filer", "webdav")}
-    argv = [
-        str(BIN / "weed"),
-        "mini",
-        f"-dir={state}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-master.telemetry=false",
-        "-admin.ui=false",
-        f"-s3.port={port}",
-        *sorted(ports),
-    ]
+    ports = {part: free_port_pair() for part in ("master", "volume", "filer", "webdav")}
     return start(
-        argv, state / "weed.log", {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+        seaweed_argv(state, port, ports),
+        state / "weed.log",
+        {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret},
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import boto3
@@ -20,6 +19,8 @@ from compose_stack import REPO, Stack, can_run, compose_config, fresh_workdir
 
 from hm_mlflow.dataset import list_split
 from hm_mlflow.synthetic import write_sample_set
+
+from support import wait_for_version
 
 pytestmark = pytest.mark.integration
 MODEL = "chest-xray-pneumonia"  # HM_MODEL_NAME in .env.example
@@ -60,15 +61,10 @@ def webapp_health(stack: Stack) -> dict:
 
 
 def wait_for_model(stack: Stack, version: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = webapp_health(stack)
-        if health["model"] and health["model"]["version"] == version:
-            return health
-        time.sleep(1)
-    raise AssertionError(
-        f"webapp did not serve version {version}: {health}\n{stack.tail('webapp')}"
-    )
+    try:
+        return wait_for_version(f"http://{stack.address}:8080", version, timeout)
+    except TimeoutError as exc:
+        raise AssertionError(f"webapp did not serve it: {exc}\n{stack.tail('webapp')}") from exc
 
 
 def mlflow_api(stack: Stack, path: str, auth=None, **params) -> httpx.Response:
