@@ -8,8 +8,10 @@ STAMP  := $(VENV)/.installed
 # docker-compose 1.29.2 validates and renders docker-compose.yaml offline; it needs an old PyYAML,
 # hence a virtual environment of its own.
 COMPOSE := .venv-compose/bin/docker-compose
+# checkov scans infra/; its pins clash with the project's, hence an environment of its own too.
+CHECKOV := .venv-checkov/bin/checkov
 
-.PHONY: help up test lint train sample bench clean lock
+.PHONY: help up test lint train sample bench clean lock provider-schemas
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -28,10 +30,15 @@ $(COMPOSE): .ci/docker-compose-constraints.txt
 	.venv-compose/bin/pip install --quiet -c $< docker-compose==1.29.2
 	touch $@
 
+$(CHECKOV): .ci/checkov-constraints.txt
+	test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install --quiet -c $< checkov
+	touch $@
+
 up: $(STAMP)  ## run MLflow + the webapp on this machine (Ctrl-C stops both)
 	$(BIN)/hm-mlflow up
 
-test: lint $(COMPOSE)  ## lint, then the whole test suite
+test: lint $(COMPOSE) $(CHECKOV)  ## lint, then the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff: lint rules and formatting
@@ -54,5 +61,12 @@ lock:  ## re-pin every transitive dependency in constraints.txt from a fresh env
 	{ echo '# Every transitive dependency, pinned: regenerate with `make lock`.'; \
 	  /tmp/hm-mlflow-lock/bin/pip freeze --exclude-editable | grep -v '^hm-mlflow'; } > constraints.txt
 
+provider-schemas:  ## re-extract the AWS and random providers' schemas (tests/provider_schemas/)
+	rm -rf /tmp/hm-mlflow-schemas && mkdir -p /tmp/hm-mlflow-schemas
+	cd /tmp/hm-mlflow-schemas && npm pack --silent @cdktn/provider-aws@25.7.0 @cdktn/provider-random@15.0.1
+	cd /tmp/hm-mlflow-schemas && for t in *.tgz; do mkdir -p $${t%.tgz} && tar xzf $$t -C $${t%.tgz} package/.jsii; done
+	$(BIN)/python tests/provider_schemas/extract.py /tmp/hm-mlflow-schemas/cdktn-provider-aws-25.7.0/package/.jsii tests/provider_schemas/aws-provider-6.66.0.json.gz
+	$(BIN)/python tests/provider_schemas/extract.py /tmp/hm-mlflow-schemas/cdktn-provider-random-15.0.1/package/.jsii tests/provider_schemas/random-provider-3.9.1.json.gz
+
 clean:  ## remove the virtual environments (the state folder .state/ is kept)
-	rm -rf $(VENV) .venv-compose
+	rm -rf $(VENV) .venv-compose .venv-checkov

@@ -1,0 +1,242 @@
+# Every variable has a default that gives a working platform; set what you change in
+# terraform.tfvars (see terraform.tfvars.example).
+
+variable "region" {
+  description = "AWS region to deploy into."
+  type        = string
+  default     = "eu-west-1"
+}
+
+variable "name" {
+  description = "Prefix of every resource name (cluster NAME-cluster, services NAME-mlflow-service, ...)."
+  type        = string
+  default     = "hm-mlflow"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,15}$", var.name))
+    error_message = "name: 2-16 lower-case letters, digits and dashes, starting with a letter."
+  }
+}
+
+variable "tags" {
+  description = "Extra tags on every resource."
+  type        = map(string)
+  default     = {}
+}
+
+# --- Names and access ------------------------------------------------------------------------
+
+variable "domain" {
+  description = "Domain of the two host names: mlflow.DOMAIN (MLflow) and app.DOMAIN (webapp). A Route 53 private zone of this name resolves them inside the VPC."
+  type        = string
+  default     = "hm-mlflow.local"
+}
+
+variable "public_zone_id" {
+  description = "Optional: id of a Route 53 public hosted zone for DOMAIN that you own; mlflow.DOMAIN and app.DOMAIN are then published there, pointing at the public load balancer."
+  type        = string
+  default     = ""
+}
+
+variable "certificate_arn" {
+  description = "Optional: ACM certificate covering mlflow.DOMAIN and app.DOMAIN. Given, the public load balancer serves HTTPS and redirects HTTP; empty, it serves HTTP."
+  type        = string
+  default     = ""
+}
+
+variable "allowed_cidrs" {
+  description = "IPv4 CIDR blocks allowed to reach the public load balancer (your office or home address, e.g. [\"203.0.113.7/32\"]). Empty: reachable from inside the VPC only."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for cidr in var.allowed_cidrs : can(cidrhost(cidr, 0))])
+    error_message = "allowed_cidrs: each entry must be an IPv4 CIDR block such as 203.0.113.7/32."
+  }
+}
+
+variable "mlflow_auth" {
+  description = "MLflow basic authentication: an admin, and users webapp (read the model), trainer and notebook (runs and versions), passwords in Secrets Manager."
+  type        = bool
+  default     = true
+}
+
+# --- Network -------------------------------------------------------------------------------
+
+variable "vpc_cidr" {
+  description = "CIDR block of the VPC; public and private subnets are carved out of it."
+  type        = string
+  default     = "10.42.0.0/16"
+}
+
+variable "az_count" {
+  description = "Availability zones to spread subnets and tasks over (at least 2: the load balancers need two)."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.az_count >= 2 && var.az_count <= 4
+    error_message = "az_count: between 2 and 4."
+  }
+}
+
+variable "egress" {
+  description = "How private subnets reach AWS APIs and the internet: \"nat\" (a NAT gateway; pip and PyPI work from the notebook) or \"endpoints\" (VPC endpoints for S3, ECR, CloudWatch Logs, Secrets Manager, STS and ECS; no NAT cost, no internet)."
+  type        = string
+  default     = "nat"
+
+  validation {
+    condition     = contains(["nat", "endpoints"], var.egress)
+    error_message = "egress: \"nat\" or \"endpoints\"."
+  }
+}
+
+variable "flow_logs" {
+  description = "Record the VPC's rejected traffic in CloudWatch Logs."
+  type        = bool
+  default     = true
+}
+
+# --- Images and tasks --------------------------------------------------------------------------
+
+variable "image_tag" {
+  description = "Tag of the three images in ECR (tags are immutable: push a new tag, then apply)."
+  type        = string
+  default     = "0.1.0"
+}
+
+variable "mlflow_cpu" {
+  description = "CPU units of an MLflow server task (1024 = 1 vCPU)."
+  type        = number
+  default     = 512
+}
+
+variable "mlflow_memory" {
+  description = "Memory of an MLflow server task, MiB."
+  type        = number
+  default     = 1024
+}
+
+variable "mlflow_desired_count" {
+  description = "MLflow server tasks."
+  type        = number
+  default     = 1
+}
+
+variable "webapp_cpu" {
+  description = "CPU units of a webapp task."
+  type        = number
+  default     = 512
+}
+
+variable "webapp_memory" {
+  description = "Memory of a webapp task, MiB."
+  type        = number
+  default     = 1024
+}
+
+variable "webapp_min_tasks" {
+  description = "Fewest webapp tasks (2 keeps one in each of two zones)."
+  type        = number
+  default     = 2
+}
+
+variable "webapp_max_tasks" {
+  description = "Most webapp tasks the autoscaler may run."
+  type        = number
+  default     = 6
+}
+
+variable "webapp_requests_per_target" {
+  description = "Requests per webapp task per minute that the autoscaler aims for."
+  type        = number
+  default     = 1200
+}
+
+variable "training_cpu" {
+  description = "CPU units of the training task."
+  type        = number
+  default     = 2048
+}
+
+variable "training_memory" {
+  description = "Memory of the training task, MiB."
+  type        = number
+  default     = 8192
+}
+
+variable "data_prefix" {
+  description = "Prefix in the data bucket that holds the Kaggle layout (train/ val/ test/)."
+  type        = string
+  default     = "chest_xray"
+}
+
+variable "model_name" {
+  description = "Registered model in MLflow."
+  type        = string
+  default     = "chest-xray-pneumonia"
+}
+
+variable "experiment" {
+  description = "MLflow experiment of the training runs."
+  type        = string
+  default     = "chest-xray"
+}
+
+variable "refresh_seconds" {
+  description = "How often the webapp checks which version holds the Production alias."
+  type        = number
+  default     = 30
+}
+
+# --- Database, storage, logs -------------------------------------------------------------------
+
+variable "db_instance_class" {
+  description = "RDS instance class of MLflow's backend store."
+  type        = string
+  default     = "db.t4g.micro"
+}
+
+variable "db_allocated_storage" {
+  description = "RDS storage, GiB."
+  type        = number
+  default     = 20
+}
+
+variable "db_multi_az" {
+  description = "A standby database in a second zone (doubles the database cost)."
+  type        = bool
+  default     = false
+}
+
+variable "protect_data" {
+  description = "Deletion protection on the database, a final snapshot, and no deletion of non-empty buckets or repositories. Set false (and apply) before terraform destroy."
+  type        = bool
+  default     = true
+}
+
+variable "log_retention_days" {
+  description = "Days CloudWatch keeps the tasks' logs."
+  type        = number
+  default     = 365
+}
+
+variable "secret_recovery_days" {
+  description = "Days a deleted secret can still be restored (0 deletes at once)."
+  type        = number
+  default     = 7
+}
+
+# --- Notebook ------------------------------------------------------------------------------------
+
+variable "notebook_instance_type" {
+  description = "SageMaker notebook instance type."
+  type        = string
+  default     = "ml.t3.medium"
+}
+
+variable "notebook_volume_gb" {
+  description = "Storage of the notebook instance, GiB."
+  type        = number
+  default     = 20
+}
