@@ -149,6 +149,117 @@ def pg_bindir() -> Path:
     return Path(found[-1]).parent
 
 
+def start_postgres(
+    ns: Namespace,
+    data: Path,
+    user: str,
+    password: str,
+    database: str,
+    log: Path,
+    port: int = 5432,
+    ssl: bool = False,
+) -> subprocess.Popen:
+    """A fresh PostgreSQL cluster in `data`, listening on every address of `ns` at `port`, with
+    `user`/`password` (scram) and `database`; with `ssl`, TLS on a self-signed certificate (as
+    RDS requires it). Runs as the postgres system user: initdb refuses root."""
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    pwfile = data.parent / f"{data.name}.pgpass"
+    pwfile.write_text(password)
+    for path in (data, pwfile):
+        shutil.chown(path, "postgres")
+    bindir = pg_bindir()
+    subprocess.run(
+        ns.argv(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                user,
+                f"--pwfile={pwfile}",
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+            ],
+            user="postgres",
+        ),
+        check=True,
+        capture_output=True,
+    )
+    options = ["-c", "listen_addresses=*", "-k", str(data)]
+    if ssl:
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                str(data / "server.key"),
+                "-out",
+                str(data / "server.crt"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        for name in ("server.key", "server.crt"):
+            shutil.chown(data / name, "postgres")
+        (data / "server.key").chmod(0o600)
+        options += [
+            "-c",
+            "ssl=on",
+            "-c",
+            "ssl_cert_file=server.crt",
+            "-c",
+            "ssl_key_file=server.key",
+        ]
+    handle = log.open("ab")
+    process = subprocess.Popen(
+        ns.argv(
+            [str(bindir / "postgres"), "-D", str(data), "-p", str(port), *options], user="postgres"
+        ),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=data,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    ready = [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)]
+    while subprocess.run(ns.argv(ready), capture_output=True, check=False).returncode != 0:
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise RuntimeError(f"PostgreSQL did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.3)
+    if database != "postgres":  # initdb made that one; the image creates any other
+        done = subprocess.run(
+            ns.argv(
+                [
+                    str(bindir / "createdb"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-U",
+                    user,
+                    database,
+                ],
+                user="postgres",
+            ),
+            env={**os.environ, "PGPASSWORD": password},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"createdb {database}: {done.stderr}")
+    return process
+
+
 class Stack:
     """Start, probe and stop the services of a rendered compose config."""
 
@@ -281,81 +392,20 @@ class Stack:
 
     def _start_postgres(self, name: str) -> subprocess.Popen:
         """What the official image does with POSTGRES_USER / _PASSWORD / _DB, then the server
-        on port 5432 (as the postgres system user: initdb refuses root)."""
+        on port 5432."""
         env = self.environment(name)
-        data = Path(self.volume_map(name)["/var/lib/postgresql/data"])
-        shutil.rmtree(data, ignore_errors=True)
-        data.mkdir(parents=True)
-        password = data.parent / "pgpass"
-        password.write_text(env["POSTGRES_PASSWORD"])
-        for path in (data, password):
-            shutil.chown(path, "postgres")
-        bindir = pg_bindir()
-        subprocess.run(
-            self.ns.argv(
-                [
-                    str(bindir / "initdb"),
-                    "-D",
-                    str(data),
-                    "-U",
-                    env["POSTGRES_USER"],
-                    f"--pwfile={password}",
-                    "--auth-host=scram-sha-256",
-                    "--auth-local=trust",
-                ],
-                user="postgres",
-            ),
-            check=True,
-            capture_output=True,
+        log = self.workdir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.logs[name] = log
+        process = start_postgres(
+            self.ns,
+            Path(self.volume_map(name)["/var/lib/postgresql/data"]),
+            env["POSTGRES_USER"],
+            env["POSTGRES_PASSWORD"],
+            env.get("POSTGRES_DB") or env["POSTGRES_USER"],
+            log,
         )
-        process = self._popen(
-            name,
-            [
-                str(bindir / "postgres"),
-                "-D",
-                str(data),
-                "-p",
-                "5432",
-                "-c",
-                "listen_addresses=*",
-                "-k",
-                str(data),
-            ],
-            env,
-            data,
-            user="postgres",
-        )
-        deadline = time.monotonic() + 30
-        while (
-            subprocess.run(
-                self.ns.argv([str(bindir / "pg_isready"), "-h", "127.0.0.1"]),
-                capture_output=True,
-                check=False,
-            ).returncode
-            != 0
-        ):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"PostgreSQL stand-in did not start: {self.tail(name)}")
-            time.sleep(0.3)
-        database = env.get("POSTGRES_DB") or env["POSTGRES_USER"]
-        if database != "postgres":  # initdb made that one; the image creates any other
-            argv = [
-                str(bindir / "createdb"),
-                "-h",
-                "127.0.0.1",
-                "-U",
-                env["POSTGRES_USER"],
-                database,
-            ]
-            done = subprocess.run(
-                self.ns.argv(argv, user="postgres"),
-                env={**env, "PGPASSWORD": env["POSTGRES_PASSWORD"]},
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if done.returncode != 0:
-                raise RuntimeError(f"createdb {database}: {done.stderr}")
+        self.processes[name] = process
         return process
 
     def _start_minio(self, name: str) -> subprocess.Popen:

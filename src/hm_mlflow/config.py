@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # Webapp
     refresh_seconds: float = Field(30.0, gt=0)
     max_upload_mb: float = Field(20.0, gt=0)
+    # Idle connections are kept this long: longer than a load balancer's idle timeout (60 s on
+    # AWS), so that it never reuses a connection the server is closing.
+    keep_alive_seconds: int = Field(75, gt=0)
 
     @property
     def tracking_uri(self) -> str:

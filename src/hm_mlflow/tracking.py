@@ -7,12 +7,13 @@ gives up; a command run against a server that is not there should say so at once
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
 
 
-class TrackingServerUnavailable(RuntimeError):
+class TrackingServerUnavailable(ConnectionError):
     """The MLflow server at the configured URI does not answer."""
 
 
@@ -46,3 +47,30 @@ def require_server(tracking_uri: str, wait: float = 10.0) -> None:
                 "MLFLOW_TRACKING_URI to a running server or a sqlite:/// file."
             )
         time.sleep(1)
+
+
+def credentials_from_secret(environ=os.environ) -> bool:
+    """With HM_MLFLOW_SECRET_ID set and no MLFLOW_TRACKING_PASSWORD, read the password from
+    that AWS Secrets Manager secret (with the role's credentials) into this process's
+    environment, where MLflow's client finds it. The SageMaker notebook instance works this way:
+    its environment names the secret, its role may read it, and no password is written down.
+    True when a password was read."""
+    secret_id = environ.get("HM_MLFLOW_SECRET_ID")
+    if not secret_id or environ.get("MLFLOW_TRACKING_PASSWORD"):
+        return False
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        value = (
+            boto3.session.Session()
+            .client("secretsmanager")
+            .get_secret_value(SecretId=secret_id)["SecretString"]
+        )
+    except (BotoCoreError, ClientError) as exc:
+        raise RuntimeError(
+            f"could not read the MLflow password from the secret {secret_id} ({exc}); the "
+            "instance's role must allow secretsmanager:GetSecretValue on it"
+        ) from exc
+    environ["MLFLOW_TRACKING_PASSWORD"] = value
+    return True
