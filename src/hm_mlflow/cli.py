@@ -62,6 +62,12 @@ def _setup_logging(verbose: bool) -> None:
 def cli(verbose: bool) -> None:
     """Chest X-ray classification on MLflow: train, evaluate, serve."""
     _setup_logging(verbose)
+    from hm_mlflow.tracking import credentials_from_secret
+
+    try:
+        credentials_from_secret()
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @cli.command()
@@ -209,7 +215,39 @@ def serve(host: str | None, port: int | None) -> None:
         host=host or settings.webapp_host,
         port=port or settings.webapp_port,
         log_level="info",
+        timeout_keep_alive=settings.keep_alive_seconds,
     )
+
+
+@cli.command()
+@click.option(
+    "--timeout", type=float, default=300, show_default=True, help="Seconds to wait for MLflow."
+)
+@plain_errors
+def access(timeout: float) -> None:
+    """Create the MLflow users webapp, trainer and notebook and their grants (basic auth).
+
+    Run as the admin (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD); each user's password
+    comes from HM_AUTH_<USER>_PASSWORD, and a user without one is skipped. Idempotent.
+    """
+    from hm_mlflow.access import passwords_from_env, provision_when_ready
+
+    settings = get_settings()
+    try:
+        passwords = passwords_from_env()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not passwords:
+        click.echo("No HM_AUTH_<USER>_PASSWORD set: no MLflow users to create.")
+        return
+    grants = provision_when_ready(
+        settings.tracking_uri, settings.experiment, settings.model_name, passwords, timeout
+    )
+    for grant in grants:
+        click.echo(
+            f"{grant.user}: {grant.permission} on experiment {settings.experiment} "
+            f"({grant.experiment_id}) and registered model {grant.model_name}"
+        )
 
 
 @cli.command()
@@ -230,6 +268,216 @@ def sample(out: Path | None, n_train: int | None, seed: int | None) -> None:
         settings.seed if seed is None else seed,
     )
     click.echo(str(root))
+
+
+# --- hm-mlflow cloud ----------------------------------------------------------------------------
+
+
+def cloud_errors(command):
+    """A CloudError (missing output, refused credentials, failed task) as one line, exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from hm_mlflow.cloud import CloudError
+
+        try:
+            return command(*args, **kwargs)
+        except CloudError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+@cli.group()
+@click.option(
+    "--outputs",
+    "outputs_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Terraform outputs as JSON (terraform output -json > FILE) [default: run "
+    "`terraform output -json` in --infra].",
+)
+@click.option(
+    "--infra",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("infra"),
+    show_default=True,
+    help="The Terraform folder.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Give or replace one output, e.g. --set cluster_name=my-cluster (repeatable).",
+)
+@click.pass_context
+def cloud(ctx: click.Context, outputs_file: Path | None, infra: Path, overrides) -> None:
+    """The AWS deployment: images, data, retraining, status (see README, "On AWS")."""
+    values = {}
+    for pair in overrides:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected NAME=VALUE, got {pair!r}", param_hint="--set")
+        values[name] = value
+    ctx.obj = {"outputs_file": outputs_file, "infra": infra, "overrides": values}
+
+
+def _outputs(ctx: click.Context):
+    from hm_mlflow.cloud import load_outputs
+
+    return load_outputs(ctx.obj["outputs_file"], ctx.obj["infra"], ctx.obj["overrides"])
+
+
+@cloud.command("push-images")
+@click.option("--tag", default=None, help="[default: the image_tag output]")
+@click.option("--run", "execute", is_flag=True, help="Run the commands (needs docker and aws).")
+@click.pass_context
+@cloud_errors
+def push_images(ctx: click.Context, tag: str | None, execute: bool) -> None:
+    """Print (or --run) the docker build and push commands of the three images."""
+    from hm_mlflow.cloud import image_commands, run_commands
+
+    commands = image_commands(_outputs(ctx), tag)
+    if execute:
+        run_commands(commands, Path.cwd(), click.echo)
+    else:
+        click.echo("# From the repository root (add --run to run them):")
+        for command in commands:
+            click.echo(command)
+
+
+@cloud.command("upload-data")
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.pass_context
+@cloud_errors
+def upload_data(ctx: click.Context, root: Path) -> None:
+    """Upload ROOT (the Kaggle layout) into the data bucket; unchanged files are skipped."""
+    from hm_mlflow.cloud import upload_data as upload
+
+    outputs = _outputs(ctx)
+    summary = upload(outputs, root)
+    click.echo(
+        f"{summary.uploaded} files uploaded ({summary.bytes_sent / 2**20:.1f} MB), "
+        f"{summary.skipped} already there, in {outputs['data_root']}"
+    )
+
+
+@cloud.command("upload-code")
+@click.pass_context
+@cloud_errors
+def upload_code(ctx: click.Context) -> None:
+    """Upload the package wheel, constraints and notebook for the SageMaker notebook instance."""
+    from hm_mlflow.cloud import upload_code as upload
+
+    outputs = _outputs(ctx)
+    summary = upload(outputs, Path.cwd())
+    click.echo(
+        f"{summary.uploaded} files uploaded, {summary.skipped} unchanged, in {outputs['code_uri']}"
+    )
+
+
+@cloud.command()
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Estimator hyper-parameter for this run, e.g. --param C=0.1 (repeatable).",
+)
+@click.option("--poll-seconds", type=float, default=10.0, show_default=True)
+@click.option(
+    "--timeout",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="Seconds to wait for the task to stop.",
+)
+@click.pass_context
+@cloud_errors
+def retrain(ctx: click.Context, params, poll_seconds: float, timeout: float) -> None:
+    """Run the training task on Fargate, wait for it, print its log and the registry's answer."""
+    from hm_mlflow.cloud import CloudError, mlflow_uri_for, production
+    from hm_mlflow.cloud import retrain as run_task
+
+    outputs = _outputs(ctx)
+    overrides = {}
+    for pair in params:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected NAME=VALUE, got {pair!r}", param_hint="--param")
+        overrides[name] = value
+    task = run_task(outputs, overrides, poll_seconds, timeout, click.echo)
+    group = outputs["log_groups"]["training"]
+    click.echo(f"--- last {len(task.log_lines)} lines of {group} (task {task.task_id}) ---")
+    for line in task.log_lines or ["(no log events: the container may never have started)"]:
+        click.echo(line)
+    click.echo("---")
+    if not task.succeeded:
+        why = "; ".join(
+            part
+            for part in (
+                f"exit code {task.exit_code}" if task.exit_code is not None else "no exit code",
+                task.container_reason,
+                task.stop_code,
+                task.stopped_reason,
+            )
+            if part
+        )
+        raise CloudError(f"the training task failed: {why}")
+    summary = task.summary or {}
+    if summary:
+        verdict = "promoted" if summary.get("promoted") else "not promoted"
+        click.echo(
+            f"Registered {summary.get('model')} version {summary.get('version')}: "
+            f"{verdict} ({summary.get('reason')})"
+        )
+    uri = mlflow_uri_for(outputs)
+    if uri:
+        try:
+            current = production(uri, outputs["model_name"], get_settings().model_alias)
+            click.echo(f"The registry's Production version is now {current['version']}.")
+        except Exception as exc:  # the task succeeded; the registry is a second opinion
+            click.echo(f"(MLflow at {uri} could not be asked: {exc})")
+    elif not summary:
+        click.echo("The task succeeded; set MLFLOW_TRACKING_URI to see the registry from here.")
+
+
+@cloud.command()
+@click.pass_context
+@cloud_errors
+def status(ctx: click.Context) -> None:
+    """Services (desired/running), training tasks in flight, the Production version."""
+    from hm_mlflow.cloud import mlflow_uri_for, production, service_status, training_in_flight
+
+    outputs = _outputs(ctx)
+    for row in service_status(outputs):
+        if "error" in row:
+            click.echo(f"{row['service']}: {row['error']}")
+            continue
+        click.echo(
+            f"{row['service']}: {row['running']}/{row['desired']} running, "
+            f"{row['pending']} pending, rollout {row['rollout'] or '-'}"
+        )
+    in_flight = training_in_flight(outputs)
+    click.echo(f"training tasks in flight: {len(in_flight)}")
+    for task in in_flight:
+        click.echo(f"  {task['task']} {task['status']} since {task['started']}")
+    uri = mlflow_uri_for(outputs)
+    if not uri:
+        click.echo("Production version: set MLFLOW_TRACKING_URI to ask MLflow (README, On AWS).")
+        return
+    try:
+        current = production(uri, outputs["model_name"], get_settings().model_alias)
+    except Exception as exc:
+        click.echo(f"Production version: MLflow at {uri} could not be asked ({exc}).")
+        return
+    if current["version"] is None:
+        click.echo("Production version: none yet (run hm-mlflow cloud retrain).")
+        return
+    click.echo(f"Production version: {current['version']} (run {current['run_id']})")
+    for name, value in current["metrics"].items():
+        click.echo(f"  {name:>24}  {value}")
 
 
 def main() -> None:
