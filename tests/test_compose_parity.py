@@ -15,11 +15,11 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
-from compose_stack import REPO, Stack, can_run, compose_config, fresh_workdir
 
 from hm_mlflow.dataset import list_split
 from hm_mlflow.synthetic import write_sample_set
 
+from compose_stack import REPO, Stack, can_run, compose_config, fresh_workdir
 from support import wait_for_version
 
 pytestmark = pytest.mark.integration
