@@ -165,6 +165,19 @@ def read_bytes(location: str) -> bytes:
         raise _plain(exc, location) from exc
 
 
+def read_head(location: str, size: int = 65536) -> bytes:
+    """The first `size` bytes of a local file or an s3:// object (a ranged GET): enough for an
+    image header."""
+    if not is_s3(location):
+        with open(location, "rb") as handle:
+            return handle.read(size)
+    bucket, key = _split(location)
+    try:
+        return _s3().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{size - 1}")["Body"].read()
+    except Exception as exc:
+        raise _plain(exc, location) from exc
+
+
 def _split(uri: str) -> tuple[str, str]:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     return bucket, key

@@ -204,6 +204,30 @@ DESCRIPTORS = {
 """The feature vector is these groups, concatenated in this order."""
 
 
+def descriptor_maps(canvas: np.ndarray) -> dict[str, np.ndarray]:
+    """The images each descriptor group summarises, for showing what it responds to (the
+    training notebook); `describe` computes the statistics of these same maps."""
+    gray = _to_uint8(canvas)
+    clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(gray)
+    smooth = cv2.GaussianBlur(canvas, (0, 0), _SCALES[1])
+    gradient = cv2.magnitude(
+        cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1)
+    )
+    small = cv2.resize(gray, (128, 128), interpolation=cv2.INTER_AREA).astype(np.float32)
+    gx, gy = cv2.Sobel(small, cv2.CV_32F, 1, 0), cv2.Sobel(small, cv2.CV_32F, 0, 1)
+    grid = cv2.resize(
+        _grid_means(canvas).reshape(_GRID, _GRID),
+        canvas.shape[::-1],
+        interpolation=cv2.INTER_NEAREST,
+    )
+    return {
+        "intensity": grid,  # mean brightness of the 4 x 4 grid (and the lung band's statistics)
+        "gradient": gradient * _SCALES[1],  # edge strength at the middle scale
+        "texture": _lbp_codes(clahe, _LBP_RADII[0]).astype(np.float32),  # LBP class per pixel
+        "hog": np.degrees(np.arctan2(gy, gx)) % 180 * (cv2.magnitude(gx, gy) > 20),  # directions
+    }
+
+
 def describe(canvas: np.ndarray) -> np.ndarray:
     """Feature vector of a preprocessed canvas."""
     return np.concatenate([d(canvas) for d in DESCRIPTORS.values()]).astype(np.float32)

@@ -47,11 +47,23 @@ _BATCH = 32
 
 
 @dataclass
+class Comparison:
+    """The candidate and the version in production, scored on the same held-out images."""
+
+    split: str | None
+    candidate: dict | None  # binary_metrics of the new version, None without a held-out split
+    incumbent: dict | None  # the same for the Production version, None when there is none
+    incumbent_version: str | None = None
+
+
+@dataclass
 class TrainResult:
     run_id: str
     version: str
     decision: Decision
     metrics: dict[str, float] = field(default_factory=dict)
+    experiment_id: str | None = None
+    comparison: Comparison | None = None
 
 
 def _extract_batch(
@@ -113,6 +125,76 @@ def gate_split(data_root: str) -> str | None:
     return next((s for s in ("test", "val") if list_split(data_root, s)), None)
 
 
+@dataclass
+class Prepared:
+    """The training images of one data root and their features: what every later stage uses."""
+
+    data_root: str
+    samples: list[Sample]
+    data: modeling.TrainingSet
+    digests: list[str]
+    synthetic: bool
+    params: dict
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.data.y
+
+
+@dataclass
+class CrossValidated:
+    """Grouped cross-validation of the recipe: out-of-fold probabilities, the decision
+    threshold chosen on them, and the metrics logged as cv_*."""
+
+    cv: modeling.CrossValidation
+    threshold: float
+    metrics: dict[str, float]
+
+
+def prepare(
+    data_root: str | Path, settings: Settings, params: dict | None = None, progress: bool = True
+) -> Prepared:
+    """List `data_root/train` (a folder or an s3:// prefix) and extract the features of every
+    image and of its augmented copies (with a progress bar)."""
+    data_root = str(data_root)
+    samples = require_split(data_root, "train")
+    y = np.array([s.label for s in samples])
+    if len(np.unique(y)) < 2:
+        raise ValueError(
+            f"{data_root}/train holds only one class; both NORMAL and PNEUMONIA are needed"
+        )
+    groups = np.array([s.patient for s in samples])
+    X, X_aug, digests = extract_features(
+        samples, settings.n_workers, settings.augment_copies, settings.seed, progress
+    )
+    return Prepared(
+        data_root=data_root,
+        samples=samples,
+        data=modeling.TrainingSet(X, y, groups, X_aug),
+        digests=digests,
+        synthetic=is_synthetic(data_root),
+        params={**modeling.DEFAULT_PARAMS, **(params or {})},
+    )
+
+
+def cross_validate(prepared: Prepared, settings: Settings) -> CrossValidated:
+    """Grouped CV of the whole recipe, the threshold and the cv_* metrics; nothing is logged."""
+    log.info("cross-validating (%d folds, grouped by patient)", settings.cv_folds)
+    y = prepared.y
+    cv = modeling.cross_validate(prepared.data, prepared.params, settings.cv_folds, settings.seed)
+    threshold = modeling.choose_threshold(y, cv.probability)
+    pooled = binary_metrics(y, cv.probability, threshold)
+    metrics = {
+        "threshold": threshold,
+        **cv.summary(y, threshold),
+        **{f"cv_oof_{k}": pooled[k] for k in METRIC_NAMES},
+    }
+    if len(prepared.data.X_aug):  # the same held-out images, reframed and re-exposed
+        copies = binary_metrics(np.tile(y, len(cv.augmented)), cv.augmented.ravel(), threshold)
+        metrics.update({f"cv_augmented_{k}": copies[k] for k in METRIC_NAMES})
+    return CrossValidated(cv, threshold, metrics)
+
+
 def train(
     data_root: str | Path,
     settings: Settings,
@@ -123,29 +205,35 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train on `data_root/train` (a folder or an s3:// prefix), log the run, register a version
-    and run the promotion gate."""
-    data_root = str(data_root)
-    samples = require_split(data_root, "train")
-    y = np.array([s.label for s in samples])
-    groups = np.array([s.patient for s in samples])
-    if len(np.unique(y)) < 2:
-        raise ValueError(
-            f"{data_root}/train holds only one class; both NORMAL and PNEUMONIA are needed"
-        )
-    params = {**modeling.DEFAULT_PARAMS, **(params or {})}
+    and run the promotion gate: `prepare`, `cross_validate`, `register` in turn."""
+    require_server(settings.tracking_uri)
+    prepared = prepare(data_root, settings, params, progress)
+    validated = cross_validate(prepared, settings)
+    return register(prepared, validated, settings, force=force, promote=promote, progress=progress)
 
+
+def register(
+    prepared: Prepared,
+    validated: CrossValidated,
+    settings: Settings,
+    *,
+    force: bool = False,
+    promote: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """The MLflow run: data manifest, parameters, CV metrics and plots, the final fit logged as
+    a model and registered, the held-out splits scored through it, and the promotion gate."""
     require_server(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_experiment(settings.experiment)
-    X, X_aug, digests = extract_features(
-        samples, settings.n_workers, settings.augment_copies, settings.seed, progress
-    )
-    data = modeling.TrainingSet(X, y, groups, X_aug)
-    synthetic = is_synthetic(data_root)
+    experiment = mlflow.set_experiment(settings.experiment)
+    data_root, samples, params = prepared.data_root, prepared.samples, prepared.params
+    y, X, groups = prepared.y, prepared.data.X, prepared.data.groups
+    synthetic = prepared.synthetic
+    threshold, metrics = validated.threshold, dict(validated.metrics)
 
     with mlflow.start_run() as run:
         started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
-        table = manifest(samples, data_root, digests)
+        table = manifest(samples, data_root, prepared.digests)
         with warnings.catch_warnings():  # MLflow registers the local file source twice
             warnings.filterwarnings("ignore", message="The specified dataset source")
             dataset = mlflow.data.from_pandas(
@@ -180,30 +268,18 @@ def train(
                 "data.digest": dataset.digest,
             }
         )
-
-        log.info("cross-validating (%d folds, grouped by patient)", settings.cv_folds)
-        cv = modeling.cross_validate(data, params, settings.cv_folds, settings.seed)
-        threshold = modeling.choose_threshold(y, cv.probability)
-        pooled = binary_metrics(y, cv.probability, threshold)
-        metrics = {
-            "threshold": threshold,
-            **cv.summary(y, threshold),
-            **{f"cv_oof_{k}": pooled[k] for k in METRIC_NAMES},
-        }
-        if len(X_aug):  # the same held-out images, reframed and re-exposed
-            copies = binary_metrics(np.tile(y, len(X_aug)), cv.augmented.ravel(), threshold)
-            metrics.update({f"cv_augmented_{k}": copies[k] for k in METRIC_NAMES})
         mlflow.log_figure(
-            plots.roc_figure(y, cv.probability, "Cross-validation ROC"), "plots/cv_roc.png"
+            plots.roc_figure(y, validated.cv.probability, "Cross-validation ROC"),
+            "plots/cv_roc.png",
         )
         mlflow.log_figure(
-            plots.confusion_figure(y, cv.probability, threshold, "Cross-validation"),
+            plots.confusion_figure(y, validated.cv.probability, threshold, "Cross-validation"),
             "plots/cv_confusion.png",
         )
 
         log.info("fitting the final model on %d images", len(samples))
         estimator = modeling.fit_calibrated(
-            data, params=params, n_folds=settings.cv_folds, seed=settings.seed
+            prepared.data, params=params, n_folds=settings.cv_folds, seed=settings.seed
         )
         config = {
             "trained_at": started.isoformat(timespec="seconds"),
@@ -229,11 +305,11 @@ def train(
         mlflow.log_metrics(metrics)
 
         registry = Registry(settings.model_name, settings.model_alias)
-        decision = (
-            _gate(registry, holdout, data_root, settings, force)
-            if promote
-            else Decision(False, "promotion not requested (--no-promote)")
-        )
+        comparison = Comparison(split=gate_split(data_root), candidate=None, incumbent=None)
+        if promote:
+            decision, comparison = _gate(registry, holdout, data_root, settings, force)
+        else:
+            decision = Decision(False, "promotion not requested (--no-promote)")
         registry.record(version, decision)
         mlflow.set_tags(
             {
@@ -248,12 +324,19 @@ def train(
             "promoted" if decision.promote else "not promoted",
             decision.reason,
         )
-        return TrainResult(run.info.run_id, version, decision, metrics)
+        return TrainResult(
+            run.info.run_id,
+            version,
+            decision,
+            metrics,
+            experiment_id=experiment.experiment_id,
+            comparison=comparison,
+        )
 
 
 def _gate(
     registry: Registry, holdout: dict, data_root: str, settings: Settings, force: bool
-) -> Decision:
+) -> tuple[Decision, Comparison]:
     """Compare the candidate with the current Production version on the same held-out images;
     the incumbent's figures are logged to the run as `gate_incumbent_*`."""
     split = gate_split(data_root)
@@ -275,8 +358,9 @@ def _gate(
             }
         )
     mlflow.set_tags({"gate.split": split or "none", "gate.metric": settings.promotion_metric})
-    return decide(
-        holdout.get(split) if split else None,
+    candidate = holdout.get(split) if split else None
+    decision = decide(
+        candidate,
         incumbent,
         metric=settings.promotion_metric,
         margin=settings.promotion_margin,
@@ -284,3 +368,4 @@ def _gate(
         incumbent_version=current.version if current else None,
         incumbent_error=error,
     )
+    return decision, Comparison(split, candidate, incumbent, current.version if current else None)
