@@ -11,7 +11,7 @@ COMPOSE := .venv-compose/bin/docker-compose
 # checkov scans infra/; its pins clash with the project's, hence an environment of its own too.
 CHECKOV := .venv-checkov/bin/checkov
 
-.PHONY: help up test lint train sample bench clean lock provider-schemas
+.PHONY: help up test lint train sample bench clean lock provider-schemas notebook
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -44,6 +44,9 @@ test: lint $(COMPOSE) $(CHECKOV)  ## lint, then the whole test suite
 lint: $(STAMP)  ## ruff: lint rules and formatting
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+notebook: $(STAMP)  ## JupyterLab on the training notebook (with make up running)
+	$(BIN)/jupyter lab --notebook-dir=jupyter jupyter/training_notebook.ipynb
 
 train: $(STAMP)  ## train on HM_DATA_DIR (default source/chest_xray) against the running platform
 	$(BIN)/hm-mlflow train

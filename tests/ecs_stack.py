@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compose_stack import Namespace, parse_dockerfile, start_postgres
-from infra_model import containers, local_values, resources
+from infra_model import container, containers, local_values, resources
+from infra_model import env as container_env
 from support import BIN, seaweed_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +41,7 @@ IMAGES = {
     "training": "model/Dockerfile-model",
 }
 S3_PORT = 9000
+SECRETS_PORT = 4566  # moto, standing in for Secrets Manager (no local server exists)
 S3_KEY, S3_SECRET = "task-role-key", "task-role-secret-key"
 # Roles with S3 access in iam.tf: their containers get the S3 stand-in's keys.
 S3_ROLES = {"mlflow", "training"}
@@ -189,6 +191,77 @@ class EcsStack:
             ],
             dict(os.environ),
         )
+
+    def start_secrets_manager(self) -> str:
+        """moto's Secrets Manager in the namespace, holding every MLflow secret; its endpoint."""
+        self._popen(
+            "secretsmanager",
+            [str(BIN / "moto_server"), "-H", "0.0.0.0", "-p", str(SECRETS_PORT)],
+            dict(os.environ),
+        )
+        endpoint = f"http://{self.address}:{SECRETS_PORT}"
+        import boto3
+
+        client = boto3.client(
+            "secretsmanager",
+            endpoint_url=endpoint,
+            region_name=self.aws.region,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.list_secrets()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        self.secret_arns = {}
+        for secret in resources("aws_secretsmanager_secret").values():
+            created = client.create_secret(
+                Name=secret["name"], SecretString=self.aws.secret_values[secret["id"]]
+            )
+            self.secret_arns[secret["name"].rsplit("/", 1)[-1]] = created["ARN"]
+        return f"http://127.0.0.1:{SECRETS_PORT}"
+
+    def notebook_environment(self) -> dict[str, str]:
+        """What the SageMaker lifecycle configuration (infra/sagemaker/on-start.sh) writes into
+        the notebook's environment, rendered with this deployment's values, plus what the
+        instance's role gives: credentials for the S3 and Secrets Manager stand-ins."""
+        script = (REPO / "infra/sagemaker/on-start.sh").read_text()
+        block = script.split("<<'ENVIRONMENT'\n", 1)[1].split("\nENVIRONMENT", 1)[0]
+        training = container_env(container("training", "model-training"))
+        values = {
+            "mlflow_url": local_values()["mlflow_internal_url"],
+            "mlflow_username": "notebook",
+            "mlflow_secret_id": self.secret_arns["notebook"],
+            "data_root": self.aws.data_root,
+            "model_name": training["HM_MODEL_NAME"],
+            "experiment": training["HM_EXPERIMENT"],
+            "code_uri": "s3://data-bucket/code/",
+            "region": self.aws.region,
+        }
+        template_names = set(re.findall(r"\$\{(\w+)\}", block))
+        assert template_names <= set(values), template_names - set(values)
+        written = {}
+        for line in block.splitlines():
+            name, _, value = line.removeprefix("export ").partition("=")
+            written[name] = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], value).strip('"')
+        home = self.workdir / "home" / "notebook"
+        (home / "tmp").mkdir(parents=True, exist_ok=True)
+        return {
+            **written,
+            "AWS_ACCESS_KEY_ID": S3_KEY,  # the instance role
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_ENDPOINT_URL_S3": f"http://s3.local:{S3_PORT}",
+            "AWS_ENDPOINT_URL_SECRETS_MANAGER": f"http://127.0.0.1:{SECRETS_PORT}",
+            "PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": str(home),
+            "TMPDIR": str(home / "tmp"),
+            "HM_STATE_DIR": str(home / "state"),
+        }
 
     def routes(self) -> list[str]:
         """--route arguments from the internal load balancer's listener rules and the ports of

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -21,6 +22,7 @@ from hm_mlflow.config import Settings
 from hm_mlflow.embedded import port_free
 
 BIN = Path(sys.executable).parent
+NOTEBOOK = Path(__file__).resolve().parents[1] / "jupyter" / "training_notebook.ipynb"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 
 
@@ -209,3 +211,17 @@ def s3_env(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET) -> dict[st
         "AWS_SECRET_ACCESS_KEY": secret,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
+
+
+def executed_text(path: Path) -> str:
+    """Every text output (streams, Markdown, plain text, HTML tables) of an executed notebook."""
+    notebook = json.loads(path.read_text())
+    parts = []
+    for cell in notebook["cells"]:
+        for output in cell.get("outputs", []):
+            if "text" in output:
+                parts.append("".join(output["text"]))
+            for kind in ("text/markdown", "text/plain"):
+                if kind in output.get("data", {}):
+                    parts.append("".join(output["data"][kind]))
+    return "\n".join(parts)

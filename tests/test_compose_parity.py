@@ -20,7 +20,7 @@ from hm_mlflow.dataset import list_split
 from hm_mlflow.synthetic import write_sample_set
 
 from compose_stack import REPO, Stack, can_run, compose_config, fresh_workdir
-from support import wait_for_version
+from support import BIN, NOTEBOOK, executed_text, wait_for_version
 
 pytestmark = pytest.mark.integration
 MODEL = "chest-xray-pneumonia"  # HM_MODEL_NAME in .env.example
@@ -141,21 +141,24 @@ def test_compose_stack_runs_as_declared(workdir, sample_root):
         token = stack.environment("jupyter")["JUPYTER_TOKEN"]
         assert httpx.get(f"{jupyter}/api/contents").status_code == 403
         listing = httpx.get(f"{jupyter}/api/contents", params={"token": token}).json()
-        assert "train.ipynb" in {item["name"] for item in listing["content"]}
-        # ...and runs, in the jupyter service's environment.
+        assert "training_notebook.ipynb" in {item["name"] for item in listing["content"]}
+        # ...and runs, in the jupyter service's environment (PROFILE = "local"), on the bucket.
         notebook_env = stack.environment("jupyter")
-        nbconvert = [
-            "jupyter",
-            "nbconvert",
-            "--to",
-            "notebook",
-            "--execute",
-            "--output-dir",
-            notebook_env["HOME"],
-            str(REPO / "jupyter" / "notebooks" / "train.ipynb"),
+        papermill = [
+            str(BIN / "papermill"),
+            str(NOTEBOOK),
+            f"{notebook_env['HOME']}/executed.ipynb",
+            "-k",
+            "python3",
+            "-p",
+            "CV_FOLDS",
+            "3",
+            "-p",
+            "AUGMENT_COPIES",
+            "1",
         ]
         executed = subprocess.run(
-            stack.ns.argv(nbconvert),
+            stack.ns.argv(papermill),
             env=notebook_env,
             capture_output=True,
             text=True,
@@ -164,6 +167,8 @@ def test_compose_stack_runs_as_declared(workdir, sample_root):
         )
         assert executed.returncode == 0, executed.stderr[-3000:]
         assert versions(stack) == [1, 2, 3]
+        text = executed_text(Path(notebook_env["HOME"]) / "executed.ipynb")
+        assert "Data: `s3://datasource/chest_xray`" in text and "Gate decision:" in text
     finally:
         stack.close()
 

@@ -1,12 +1,16 @@
 """The AWS task definitions, run as processes (ecs_stack.py): the MLflow task upgrades its
 database, serves, and creates the client users; the training task trains on the data bucket and
 promotes a version; the webapp serves it through the internal load balancer's host rules; each
-MLflow user can do what secrets.tf says and no more."""
+MLflow user can do what secrets.tf says and no more. Then the training notebook as the SageMaker
+notebook instance runs it: PROFILE = "cloud", the environment its lifecycle configuration writes,
+MLflow by name with the password from Secrets Manager, more than 1,000 films in one class."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 import time
 
 import boto3
@@ -17,12 +21,14 @@ from hm_mlflow.synthetic import write_sample_set
 
 from compose_stack import can_run, fresh_workdir
 from ecs_stack import DOMAIN, S3_KEY, S3_PORT, S3_SECRET, EcsStack
+from support import BIN, NOTEBOOK, executed_text
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def stack():
+    """The deployment's infrastructure with the MLflow task running and empty buckets."""
     reason = can_run()
     if reason:
         pytest.skip(reason)
@@ -30,10 +36,23 @@ def stack():
     stack = EcsStack(workdir)
     try:
         stack.start_infrastructure()
+        stack.start_task("mlflow")
+        for bucket in ("artifacts-bucket", "data-bucket"):
+            s3(stack).create_bucket(Bucket=bucket)
         yield stack
     finally:
         stack.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def s3(stack: EcsStack):
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://{stack.address}:{S3_PORT}",
+        aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_SECRET,
+        region_name="us-east-1",
+    )
 
 
 def through_alb(stack: EcsStack, host: str, method: str, path: str, **kwargs) -> httpx.Response:
@@ -55,8 +74,7 @@ def mlflow_as(stack: EcsStack, user: str | None, path: str, method: str = "GET",
 
 
 def test_the_cloud_deployment_trains_promotes_and_serves(stack, tmp_path):
-    # The MLflow task: db-upgrade, then the server, then the access step.
-    stack.start_task("mlflow")
+    # The MLflow task has run db-upgrade, then the server, then the access step.
     assert "Creating initial MLflow database tables" in stack.tail("mlflow-db-upgrade")
     assert "sslmode=require" not in stack.tail("mlflow-mlflow")  # never logged
     access = stack.tail("mlflow-access")
@@ -72,19 +90,10 @@ def test_the_cloud_deployment_trains_promotes_and_serves(stack, tmp_path):
     assert [e["name"] for e in listed.json()["experiments"]] == ["chest-xray"]
 
     # The data bucket, as `hm-mlflow cloud upload-data` fills it.
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=f"http://{stack.address}:{S3_PORT}",
-        aws_access_key_id=S3_KEY,
-        aws_secret_access_key=S3_SECRET,
-        region_name="us-east-1",
-    )
-    for bucket in ("artifacts-bucket", "data-bucket"):
-        s3.create_bucket(Bucket=bucket)
     root = write_sample_set(tmp_path / "sample", n_train=60, seed=5)
     for path in root.rglob("*"):
         if path.is_file():
-            s3.upload_file(str(path), "data-bucket", f"chest_xray/{path.relative_to(root)}")
+            s3(stack).upload_file(str(path), "data-bucket", f"chest_xray/{path.relative_to(root)}")
 
     # The training task, as `aws ecs run-task` starts it.
     stack.run("training", "model-training")
@@ -93,7 +102,7 @@ def test_the_cloud_deployment_trains_promotes_and_serves(stack, tmp_path):
     assert code == 0, log
     summary = json.loads(log[log.rindex("\n{") + 1 : log.rindex("}") + 1])
     assert summary["version"] == "1" and summary["promoted"] is True
-    runs = s3.list_objects_v2(Bucket="artifacts-bucket", Prefix="mlflow/")
+    runs = s3(stack).list_objects_v2(Bucket="artifacts-bucket", Prefix="mlflow/")
     assert runs.get("KeyCount", 0) > 0  # the server wrote the artifacts, the task could not
 
     # The webapp task serves it, through app.DOMAIN, by itself.
@@ -144,3 +153,84 @@ def test_the_cloud_deployment_trains_promotes_and_serves(stack, tmp_path):
         mlflow_as(stack, "notebook", "registered-models/alias", "POST", json=alias).status_code
         == 200
     )
+
+
+def test_the_notebook_runs_on_the_notebook_instance(stack, tmp_path):
+    import cv2
+
+    stack.start_secrets_manager()
+    # The data bucket with more than 1,000 films in one class folder (two listing pages).
+    bucket = s3(stack)
+    root = write_sample_set(tmp_path / "films", n_train=60, seed=9)
+    for path in root.rglob("*"):
+        if path.is_file():
+            bucket.upload_file(str(path), "data-bucket", f"chest_xray/{path.relative_to(root)}")
+    films = sorted((root / "train" / "PNEUMONIA").iterdir())
+    for i in range(1000):
+        film = cv2.imread(str(films[i % len(films)]), cv2.IMREAD_GRAYSCALE)
+        small = cv2.resize(film, (160, 160), interpolation=cv2.INTER_AREA)
+        bucket.put_object(
+            Bucket="data-bucket",
+            Key=f"chest_xray/train/PNEUMONIA/synth-{9000 + i}-1.png",
+            Body=cv2.imencode(".png", small)[1].tobytes(),
+        )
+    pages = bucket.get_paginator("list_objects_v2").paginate(
+        Bucket="data-bucket", Prefix="chest_xray/train/PNEUMONIA/"
+    )
+    in_folder = sum(len(page.get("Contents", [])) for page in pages)
+    assert in_folder > 1000
+
+    environment = stack.notebook_environment()
+    assert environment["MLFLOW_TRACKING_URI"] == f"http://mlflow.{DOMAIN}"
+    assert "MLFLOW_TRACKING_PASSWORD" not in environment  # read from Secrets Manager
+    output = tmp_path / "executed.ipynb"
+    done = subprocess.run(
+        stack.ns.argv(
+            [
+                str(BIN / "papermill"),
+                str(NOTEBOOK),
+                str(output),
+                "-k",
+                "python3",
+                "--cwd",
+                str(NOTEBOOK.parent),
+                "-p",
+                "PROFILE",
+                "cloud",
+                "-p",
+                "CV_FOLDS",
+                "3",
+                "-p",
+                "AUGMENT_COPIES",
+                "0",
+            ]
+        ),
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    text = executed_text(output)
+    assert "Gate decision:" in text
+    assert f"MLflow: `http://mlflow.{DOMAIN}`" in text
+    balance = re.search(r"train\s+(\d+)\s+(\d+)\s+(\d+)", text)
+    assert balance and int(balance.group(2)) == in_folder  # every page was listed
+    assert stack.aws.secret("notebook") not in output.read_text()
+
+    # A new version, registered by the notebook's run, with the notebook's figures.
+    versions = mlflow_as(stack, "notebook", "registered-models/search", "GET").json()
+    latest = max(
+        int(v["version"])
+        for m in versions["registered_models"]
+        for v in m.get("latest_versions", [])
+    )
+    assert f"Version {latest}:" in text
+    run_id = re.search(r"/runs/([0-9a-f]{32})", text).group(1)
+    listed = mlflow_as(
+        stack, "notebook", "artifacts/list", "GET", params={"run_id": run_id, "path": "notebook"}
+    ).json()
+    names = [f["path"] for f in listed.get("files", [])]
+    assert "notebook/01_sample_grid.png" in names and len(names) >= 7

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from hm_mlflow.dataset import SPLITS, list_split
 
-NOTEBOOK = "jupyter/notebooks/train.ipynb"
+NOTEBOOK = "jupyter/training_notebook.ipynb"
 """The training notebook, relative to the repository root (what upload-code sends)."""
 CHECKSUM_KEY = "sha256"
 """Object metadata holding each uploaded file's SHA-256: what `upload-data` compares."""
