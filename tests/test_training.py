@@ -110,6 +110,11 @@ def test_served_predictions_equal_training_features_and_estimator(trained, sampl
     threshold = model.model_config["threshold"]
     expected = np.where(direct[:, 1] >= threshold, "PNEUMONIA", "NORMAL")
     assert served["label"].tolist() == expected.tolist()
+    # The webapp's path: the collapsed estimator, one image at a time, no pandas.
+    python_model = model.unwrap_python_model()
+    assert python_model.linear is not None
+    one_by_one = [python_model.classify(s.read_bytes())[0] for s in samples]
+    np.testing.assert_allclose(one_by_one, direct[:, 1], rtol=0, atol=1e-6)
 
 
 def test_gate_rejects_a_model_that_is_not_better_and_force_overrides(mlflow_server, sample_root):
