@@ -150,6 +150,8 @@ locals {
       environment = concat(local.mlflow_client_env, local.mlflow_client_user["webapp"].environment, [
         { name = "HM_REFRESH_SECONDS", value = tostring(var.refresh_seconds) },
         { name = "HM_KEEP_ALIVE_SECONDS", value = tostring(local.keep_alive_seconds) },
+        # A fraction of a vCPU per task: one worker each, more tasks under load.
+        { name = "HM_WEB_WORKERS", value = tostring(max(1, floor(var.webapp_cpu / 1024))) },
       ])
       secrets          = local.mlflow_client_user["webapp"].secrets
       healthCheck      = local.health_check["webapp"]

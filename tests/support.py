@@ -124,7 +124,8 @@ def require_chromium() -> str:
 
 
 def serve(settings, tmp_path: Path, **env) -> tuple[str, subprocess.Popen]:
-    """Start `hm-mlflow serve` for `settings`' model on a free port; (url, process)."""
+    """Start `hm-mlflow serve` for `settings`' model on a free port; (url, process). Its log
+    (one JSON line per request among uvicorn's lines) is tmp_path/webapp-PORT.log."""
     port = free_port()
     process = start(
         [str(BIN / "hm-mlflow"), "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -225,3 +226,15 @@ def executed_text(path: Path) -> str:
                 if kind in output.get("data", {}):
                     parts.append("".join(output["data"][kind]))
     return "\n".join(parts)
+
+
+def request_log(url: str, tmp_path: Path) -> list[dict]:
+    """The JSON request lines `serve` wrote so far for the server at `url`."""
+    port = url.rsplit(":", 1)[1]
+    lines = (tmp_path / f"webapp-{port}.log").read_text(errors="replace").splitlines()
+    found = []
+    for line in lines:
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                found.append(json.loads(line))
+    return found

@@ -63,5 +63,5 @@ def test_a_wrong_file_gets_a_readable_error(page, webapp, tmp_path):
     page.goto(webapp)
     page.set_input_files("#file", str(notes))
     page.click("button[type=submit]")
-    expect(page.locator("#error")).to_contain_text("not a JPEG or PNG")
+    expect(page.locator("#error")).to_contain_text("not a JPEG, PNG or DICOM")
     expect(page.locator("#result")).to_have_count(0)

@@ -192,7 +192,7 @@ def test_compose_stack_with_mlflow_authentication(workdir):
         stack.up(["webapp", "bootstrap"])
         stack.wait("bootstrap", "service_completed_successfully", timeout=600)
         health = wait_for_model(stack, "1")
-        assert health["model"]["synthetic"] is True and health["last_error"] is None
+        assert health["model"]["synthetic"] is True and health["status"] == "ok"
 
         path = "registered-models/search"
         assert mlflow_api(stack, path).status_code == 401

@@ -49,7 +49,7 @@ def test_model_appears_and_is_swapped_without_a_restart(mlflow_server, sample_ro
 
         second = train(sample_root, settings, force=True, progress=False)
         health = wait_for_version(url, second.version)
-        assert health["last_error"] is None
+        assert health["status"] == "ok" and health["state"] == "serving"
         assert post(url, image).json()["model"]["version"] == second.version
     finally:
         stop(process)
@@ -61,11 +61,12 @@ def test_api_answers_label_probability_and_model(webapp, trained, sample_root):
         response = post(webapp, sample.read_bytes(), sample.name)
         assert response.status_code == 200
         body = response.json()
-        assert set(body) == {"label", "probability", "model"}
+        assert set(body) == {"label", "probability", "threshold", "model"}
         assert body["label"] in ("NORMAL", "PNEUMONIA")
         assert 0.0 <= body["probability"] <= 1.0
         assert body["model"] == {"name": settings.model_name, "version": "1"}
         threshold = httpx.get(f"{webapp}/health").json()["model"]["threshold"]
+        assert body["threshold"] == threshold
         assert (body["label"] == "PNEUMONIA") == (body["probability"] >= threshold)
 
 
@@ -94,10 +95,10 @@ def _gif() -> bytes:
     ("make", "status", "words"),
     [
         (lambda x: b"", 400, "empty"),
-        (lambda x: b"patient: John Doe\nnot an image\n", 415, "not a JPEG or PNG"),
-        (lambda x: _gif(), 415, "not a JPEG or PNG"),
-        (lambda x: x[: len(x) // 2], 422, "damaged or incomplete"),
-        (lambda x: b"\xff\xd8\xff" + bytes(3 * 2**20), 413, "the limit is 2 MB"),
+        (lambda x: b"patient: John Doe\nnot an image\n", 415, "not a JPEG, PNG or DICOM"),
+        (lambda x: _gif(), 415, "not a JPEG, PNG or DICOM"),
+        (lambda x: x[: len(x) // 2], 422, "incomplete"),
+        (lambda x: b"\xff\xd8\xff" + bytes(3 * 2**20), 413, "limit of 2 MB"),
         (lambda x: _png(10_000, 10_000), 413, "megapixels"),
         (lambda x: _png(20, 20), 422, "at least 64 pixels"),
     ],
@@ -116,8 +117,11 @@ def test_request_without_a_file_field(webapp):
 
 
 def test_server_survives_bad_input(webapp, xray):
-    for data in (b"", b"\x89PNG\r\n\x1a\n" + bytes(100), xray[:1000]):
-        post(webapp, data)
+    statuses = [
+        post(webapp, data).status_code
+        for data in (b"", b"\x89PNG\r\n\x1a\n" + bytes(100), xray[:1000])
+    ]
+    assert statuses == [400, 422, 422]
     assert post(webapp, xray).status_code == 200
 
 
@@ -139,7 +143,7 @@ def test_upload_page_shows_answer_thumbnail_and_model(webapp, trained, xray):
 def test_upload_page_explains_a_refusal(webapp):
     result = post(webapp, b"hello", name="notes.txt", path="/")
     assert result.status_code == 415
-    assert 'id="error"' in result.text and "not a JPEG or PNG" in result.text
+    assert 'id="error"' in result.text and "not a JPEG, PNG or DICOM" in result.text
 
 
 def test_rgb_and_png_uploads_are_accepted(webapp, xray):
@@ -156,10 +160,13 @@ def test_unreachable_registry_is_reported_not_mistaken_for_no_model(tmp_path):
     url, process = serve(make_settings(dead), tmp_path)
     try:
         deadline = time.monotonic() + 30
-        while not httpx.get(f"{url}/health").json()["last_error"]:
+        while httpx.get(f"{url}/health").json()["registry_reachable"] is not False:
             assert time.monotonic() < deadline, "the failed registry check was never reported"
             time.sleep(0.3)
-        assert "not reachable" in httpx.get(f"{url}/health").json()["last_error"]
+        health = httpx.get(f"{url}/health")
+        assert health.json()["status"] == "degraded" and health.json()["model_loaded"] is False
+        assert dead not in health.text and "Error" not in health.text  # nothing internal
+        assert httpx.get(f"{url}/ready").status_code == 503
         refused = post(url, _png(300, 300), "x.png")
         assert refused.status_code == 503
         assert "registry cannot be reached" in refused.json()["detail"]

@@ -203,19 +203,22 @@ def evaluate(data: str | None, split: str, model_uri: str | None, as_json: bool)
 @cli.command()
 @click.option("--host", default=None, help="[default: HM_WEBAPP_HOST]")
 @click.option("--port", type=int, default=None, help="[default: HM_WEBAPP_PORT]")
-def serve(host: str | None, port: int | None) -> None:
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Worker processes [default: HM_WEB_WORKERS, or one per core].",
+)
+def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Run the webapp on the Production model."""
-    import uvicorn
-
-    from hm_mlflow.serve.app import create_app
+    from hm_mlflow.serve.server import run
 
     settings = get_settings()
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.webapp_host,
-        port=port or settings.webapp_port,
-        log_level="info",
-        timeout_keep_alive=settings.keep_alive_seconds,
+    run(
+        settings,
+        host or settings.webapp_host,
+        port or settings.webapp_port,
+        workers or settings.n_web_workers,
     )
 
 

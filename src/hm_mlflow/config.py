@@ -49,7 +49,17 @@ class Settings(BaseSettings):
 
     # Webapp
     refresh_seconds: float = Field(30.0, gt=0)
-    max_upload_mb: float = Field(20.0, gt=0)
+    max_upload_mb: float = Field(32.0, gt=0)
+    max_megapixels: float = Field(36.0, gt=0, description="largest image accepted, in pixels")
+    max_aspect_ratio: float = Field(4.0, ge=1.0, description="longer side / shorter side")
+    max_in_flight: int = Field(16, ge=1, description="images decoded at once per worker")
+    decode_budget_mb: float = Field(
+        256.0, gt=0, description="memory of the uploads and decodes in flight, per worker"
+    )
+    max_connections: int = Field(64, ge=1, description="open connections per worker")
+    web_workers: int = Field(0, ge=0, description="webapp worker processes; 0 = one per core")
+    registry_timeout: float = Field(10.0, gt=0, description="seconds for one registry call")
+    load_timeout: float = Field(120.0, gt=0, description="seconds to load a model version")
     # Idle connections are kept this long: longer than a load balancer's idle timeout (60 s on
     # AWS), so that it never reuses a connection the server is closing.
     keep_alive_seconds: int = Field(75, gt=0)
@@ -70,6 +80,10 @@ class Settings(BaseSettings):
     @property
     def n_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    @property
+    def n_web_workers(self) -> int:
+        return self.web_workers or os.cpu_count() or 1
 
 
 def get_settings() -> Settings:

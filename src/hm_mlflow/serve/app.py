@@ -1,45 +1,92 @@
 """The webapp: an upload page for people, a JSON API for programs, both on the Production model.
 
-Routes stay thin: checks live in `uploads`, the model in `model_holder`; the model does its own
-preprocessing, so this module never touches features.
+Routes stay thin: checks live in `uploads`, limits in `limits`, the model in `model_holder`,
+logs and metrics in `observability`. The model does its own preprocessing, so this module never
+touches features. Every refusal is a 4xx or a 503 with a sentence; nothing a client sends makes
+a 500 or reaches a stack trace.
+
+    GET  /              upload page
+    POST /              the page with the answer
+    POST /api/predict   JSON answer for programs
+    GET  /health        liveness: ok or degraded, the model in service (no URI, no error text)
+    GET  /ready         200 once a model is loaded, else 503
+    GET  /metrics       Prometheus
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
+import os
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
+import cv2
+import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from hm_mlflow import __version__
 from hm_mlflow.config import Settings, get_settings
-from hm_mlflow.serve.model_holder import ModelHolder, ServingModel
-from hm_mlflow.serve.uploads import CheckedImage, UploadError, check_upload
+from hm_mlflow.serve.limits import Admission, BodyLimit
+from hm_mlflow.serve.model_holder import (
+    WITHDRAWN,
+    ModelFailure,
+    ModelHolder,
+    Prediction,
+    ServingModel,
+)
+from hm_mlflow.serve.observability import AccessLog, Metrics, configure_logging
+from hm_mlflow.serve.uploads import (
+    ACCEPTED,
+    HEAD_BYTES,
+    TAIL_BYTES,
+    CheckedImage,
+    Inspected,
+    Limits,
+    UploadError,
+    inspect,
+    prepare,
+)
 
 log = logging.getLogger(__name__)
-Upload = Annotated[UploadFile | None, File(description="the image, JPEG or PNG")]
+Upload = Annotated[UploadFile | None, File(description=f"the chest X-ray: {ACCEPTED}")]
 HERE = Path(__file__).parent
+THUMBNAIL = 320
+INLINE_BYTES = 4 * 2**20
+"""Images whose upload and decode take less than this are classified on the event loop
+(one worker per core: a thread would add a hand-over, not a core); larger ones in a thread."""
 NO_MODEL = (
     "No model is in production yet: the registry has no version of {name} with the "
     "alias '{alias}'. Train one (hm-mlflow train); it is picked up within {seconds:g} s."
 )
-NO_REGISTRY = "No model is loaded: the model registry cannot be reached ({error}). Retrying."
+NO_REGISTRY = "No model is loaded: the model registry cannot be reached. Retrying."
+WITHDRAWN_MESSAGE = (
+    "The model has been withdrawn from production (the alias '{alias}' was removed); no "
+    "answer is given until a version holds it again."
+)
+BUSY = "The server is busy with other images; try again in a moment."
+MODEL_FAILED = "The model failed on this image; try again, or try another image."
 
 
-async def _refresh_loop(holder: ModelHolder, seconds: float) -> None:
+async def _refresh_loop(holder: ModelHolder, seconds: float, metrics: Metrics) -> None:
     """Follow the registry alias; look more often while there is nothing to serve."""
     while True:
-        await asyncio.to_thread(holder.refresh)
-        await asyncio.sleep(seconds if holder.current else min(seconds, 5.0))
+        try:
+            await asyncio.to_thread(holder.refresh)
+        except Exception:  # never let the loop die
+            log.exception("model refresh failed")
+        current = holder.current
+        metrics.serving(current.version if current else None)
+        await asyncio.sleep(seconds if current else min(seconds, 5.0))
 
 
 def _readable_time(iso: str) -> str:
@@ -51,13 +98,43 @@ def _readable_time(iso: str) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _thumbnail(prediction: Prediction, image: CheckedImage) -> str:
+    """A small PNG of the film for the page, from the model's own decode when it gave one."""
+    film = prediction.film
+    if film is None:  # an older model version: decode once more, at a reduced scale
+        film = cv2.imdecode(np.frombuffer(image.data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_4)
+    scale = THUMBNAIL / max(film.shape)
+    if scale < 1:
+        film = cv2.resize(film, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    encoded = cv2.imencode(".png", film, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
+    return "data:image/png;base64," + base64.b64encode(encoded).decode()
+
+
 def create_app(settings: Settings | None = None, holder: ModelHolder | None = None) -> FastAPI:
     settings = settings or get_settings()
-    holder = holder or ModelHolder(settings.model_name, settings.model_alias, settings.tracking_uri)
+    # A registry that hangs must not hold a refresh for minutes (MLflow's default retries).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.registry_timeout)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    cv2.setNumThreads(1)  # one image per thread; workers share the cores, not each image
+    holder = holder or ModelHolder(
+        settings.model_name,
+        settings.model_alias,
+        settings.tracking_uri,
+        registry_timeout=settings.registry_timeout,
+        load_timeout=settings.load_timeout,
+    )
+    limits = Limits(
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=int(settings.max_megapixels * 1_000_000),
+        max_aspect=settings.max_aspect_ratio,
+    )
+    admission = Admission(settings.max_in_flight, int(settings.decode_budget_mb * 2**20))
+    metrics = Metrics()
+    configure_logging()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(_refresh_loop(holder, settings.refresh_seconds))
+        task = asyncio.create_task(_refresh_loop(holder, settings.refresh_seconds, metrics))
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -65,43 +142,95 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
     app = FastAPI(title="hm-mlflow chest X-ray classifier", version=__version__, lifespan=lifespan)
     app.state.holder = holder
+    app.state.metrics = metrics
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters["datetime"] = _readable_time
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_upload_bytes,
+        on_reject=lambda reason: metrics.rejections.labels(reason).inc(),
+    )
+    app.add_middleware(AccessLog, metrics=metrics)
 
-    def no_model() -> str:
-        """Why nothing is served: an unreachable registry, or no Production version yet."""
-        if holder.last_error:
-            return NO_REGISTRY.format(error=holder.last_error)
-        return NO_MODEL.format(
+    def unavailable() -> UploadError:
+        """Why nothing is served: withdrawn, no registry, or no Production version yet."""
+        if holder.state == WITHDRAWN:
+            return UploadError(
+                503, WITHDRAWN_MESSAGE.format(alias=settings.model_alias), "withdrawn"
+            )
+        if holder.registry_reachable is False:
+            return UploadError(503, NO_REGISTRY, "registry_unreachable")
+        message = NO_MODEL.format(
             name=settings.model_name, alias=settings.model_alias, seconds=settings.refresh_seconds
         )
+        return UploadError(503, message, "no_model")
 
-    async def read_checked(file: UploadFile | None) -> CheckedImage:
+    async def classify(
+        request: Request, file: UploadFile | None
+    ) -> tuple[CheckedImage, Prediction, ServingModel]:
+        """Check the upload from its header, reserve what its decode takes, then answer with
+        the model read once for this request. The whole body is read into memory only after
+        the checks and the reservation."""
         if file is None:
-            raise UploadError(400, "No file was sent: attach the image as the form field 'file'.")
-        data = await file.read(settings.max_upload_bytes + 1)
-        return await run_in_threadpool(check_upload, data, settings.max_upload_bytes)
-
-    async def classify(image: CheckedImage) -> tuple[ServingModel, str, float]:
-        serving = holder.current
+            raise UploadError(
+                400,
+                "No file was sent: attach the image as the form field 'file'.",
+                "no_file",
+            )
+        serving: ServingModel | None = holder.current
         if serving is None:
-            raise UploadError(503, no_model())
+            raise unavailable()
+        size = file.size if file.size is not None else len(await file.read())
+        await file.seek(0)
+        head = await file.read(HEAD_BYTES)
+        await file.seek(max(size - TAIL_BYTES, 0))
+        tail = await file.read(TAIL_BYTES)
+        inspected = inspect(head, tail, size, limits)
+        cost = size + inspected.decode_bytes()
+        if not admission.try_enter(cost):
+            raise UploadError(503, BUSY, "busy")
+        metrics.in_flight.inc()
         try:
-            label, probability = await run_in_threadpool(serving.predict, image.data)
+            await file.seek(0)
+            data = await file.read()
+            image, prediction = await run_in_threadpool(
+                _prepare_and_predict, data, inspected, serving
+            )
         except ValueError as exc:  # the model's decoder refused what the checks let through
-            raise UploadError(422, f"The model could not read this image: {exc}") from exc
-        return serving, label, probability
+            raise UploadError(
+                422, f"The image could not be read; it may be damaged ({exc}).", "undecodable"
+            ) from exc
+        except ModelFailure as exc:
+            log.error("model %s failed: %s", serving.version, exc)
+            raise UploadError(503, MODEL_FAILED, "model_failure") from exc
+        finally:
+            admission.leave(cost)
+            metrics.in_flight.dec()
+        request.state.model_version = prediction.version
+        return image, prediction, serving
+
+    def _prepare_and_predict(
+        data: bytes, inspected: Inspected, serving: ServingModel
+    ) -> tuple[CheckedImage, Prediction]:
+        """Both steps in one worker thread: one hop from the event loop per image."""
+        image = prepare(data, inspected, limits)
+        return image, serving.predict(image.data)
+
+    def refused(request: Request, error: UploadError) -> None:
+        request.state.outcome = error.reason
+        metrics.rejections.labels(error.reason).inc()
 
     def page(request: Request, status: int = 200, **context) -> HTMLResponse:
-        serving = holder.current
+        """The page; with a result, the footer describes the version that gave it."""
+        serving = context.pop("serving", None) or holder.current
         return templates.TemplateResponse(
             request,
             "index.html",
             status_code=status,
             context={
                 "model": serving.describe() if serving else None,
-                "no_model": None if serving else no_model(),
+                "no_model": None if serving else unavailable().message,
                 "max_mb": settings.max_upload_mb,
                 **context,
             },
@@ -114,38 +243,73 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     @app.post("/", response_class=HTMLResponse)
     async def submit(request: Request, file: Upload = None) -> HTMLResponse:
         try:
-            image = await read_checked(file)
-            serving, label, probability = await classify(image)
+            image, prediction, serving = await classify(request, file)
         except UploadError as exc:
+            refused(request, exc)
             return page(request, exc.status, error=exc.message)
         result = {
-            "label": label,
-            "probability": probability,
-            "thumbnail": image.thumbnail,
+            "label": prediction.label,
+            "probability": prediction.probability,
+            "threshold": prediction.threshold,
+            "thumbnail": await run_in_threadpool(_thumbnail, prediction, image),
             "filename": file.filename,
+            "format": image.format,
             "width": image.width,
             "height": image.height,
-            "version": serving.version,
+            "version": prediction.version,
         }
-        return page(request, result=result)
+        return page(request, result=result, serving=serving)
 
     @app.post("/api/predict")
-    async def predict(file: Upload = None) -> JSONResponse:
+    async def predict(request: Request, file: Upload = None) -> JSONResponse:
         try:
-            image = await read_checked(file)
-            serving, label, probability = await classify(image)
+            _, prediction, _ = await classify(request, file)
         except UploadError as exc:
-            return JSONResponse({"detail": exc.message}, status_code=exc.status)
+            refused(request, exc)
+            headers = {"Retry-After": "1"} if exc.status == 503 else None
+            return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
         return JSONResponse(
             {
-                "label": label,
-                "probability": probability,
-                "model": {"name": serving.name, "version": serving.version},
+                "label": prediction.label,
+                "probability": prediction.probability,
+                "threshold": prediction.threshold,
+                "model": {"name": settings.model_name, "version": prediction.version},
             }
         )
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", **holder.status()}
+        return holder.status()
+
+    @app.get("/ready")
+    def ready() -> JSONResponse:
+        status = holder.status()
+        return JSONResponse(status, status_code=200 if status["model_loaded"] else 503)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A malformed request (not multipart, a broken form): 400 with a sentence."""
+        refused(request, UploadError(400, "", "bad_request"))
+        message = (
+            "The request could not be read: send the image as multipart/form-data in the "
+            "field 'file'."
+        )
+        return JSONResponse({"detail": message}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """Whatever slipped through: logged with its trace here, a sentence for the client."""
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        request.state.outcome = "unexpected"
+        return JSONResponse(
+            {"detail": "The server could not handle this request; try again."},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
 
     return app

@@ -1,38 +1,93 @@
-"""The model the webapp serves: the version holding the Production alias, swapped without
-a restart when the alias moves."""
+"""The model the webapp serves: the version holding the Production alias, followed by itself.
+
+A background loop asks the registry which version holds the alias every HM_REFRESH_SECONDS;
+a new version is loaded off the request path and swapped in with one reference assignment, so a
+request keeps the model it started with (`current` is read once per request) and its answer
+names that version. The alias removed withdraws the model (503 "withdrawn"); a registry that
+cannot be reached leaves the current model in service and `/health` says degraded. Registry calls
+and model loads have time limits: a hung call never blocks later swaps.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import mlflow
+import cv2
+import numpy as np
 import pandas as pd
-from mlflow import MlflowClient
 
 from hm_mlflow.registry import Registry
-from hm_mlflow.tracking import require_server
 
 log = logging.getLogger(__name__)
+
+# States of the holder, as /health and /ready report them
+LOADING, SERVING, NO_MODEL, WITHDRAWN = "loading", "serving", "no_model", "withdrawn"
+
+
+class ModelFailure(Exception):
+    """The model failed on an image for a reason other than the image itself."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probability: float
+    version: str
+    threshold: float
+    film: np.ndarray | None  # the decoded, cropped film (for the page's thumbnail), if known
 
 
 @dataclass(frozen=True)
 class ServingModel:
-    """A loaded model and what the page says about it."""
+    """A loaded model version and what the page says about it."""
 
-    model: mlflow.pyfunc.PyFuncModel
+    model: object  # mlflow.pyfunc.PyFuncModel
     name: str
     version: str
     trained_at: str | None
     synthetic: bool
     threshold: float
+    labels: tuple[str, str] = ("NORMAL", "PNEUMONIA")
+    fast: object | None = field(default=None, repr=False)  # the python model's classify()
 
-    def predict(self, image: bytes) -> tuple[str, float]:
-        """(label, probability of PNEUMONIA) for one image."""
-        row = self.model.predict(pd.DataFrame({"image": [image]})).iloc[0]
-        return str(row["label"]), float(row["probability"])
+    @classmethod
+    def load(cls, name: str, version: str) -> ServingModel:
+        import mlflow
+
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        config = model.model_config
+        python_model = model.unwrap_python_model()
+        return cls(
+            model=model,
+            name=name,
+            version=str(version),
+            trained_at=config.get("trained_at"),
+            synthetic=bool(config.get("synthetic")),
+            threshold=float(config["threshold"]),
+            labels=tuple(config.get("labels", cls.labels)),
+            fast=getattr(python_model, "classify", None),
+        )
+
+    def predict(self, image: bytes) -> Prediction:
+        """Label and probability of one image (JPEG or PNG bytes). A ValueError means the model
+        could not read the image; anything else is a ModelFailure."""
+        try:
+            if self.fast is not None:
+                probability, film = self.fast(image)
+            else:  # a version logged before classify() existed
+                row = self.model.predict(pd.DataFrame({"image": [image]})).iloc[0]
+                probability, film = float(row["probability"]), None
+        except ValueError:
+            raise
+        except cv2.error as exc:  # OpenCV's own refusal of the bytes
+            raise ValueError(str(exc).splitlines()[-1] if str(exc) else "unreadable") from exc
+        except Exception as exc:
+            raise ModelFailure(f"{type(exc).__name__}: {exc}") from exc
+        label = self.labels[1] if probability >= self.threshold else self.labels[0]
+        return Prediction(label, probability, self.version, self.threshold, film)
 
     def describe(self) -> dict:
         return {
@@ -44,72 +99,125 @@ class ServingModel:
         }
 
 
+def _with_timeout(function, seconds: float, what: str):
+    """Run `function` in a daemon thread and wait at most `seconds`: a hung call raises
+    TimeoutError here and is abandoned (its thread ends with the process)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = function()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"hm-{what}", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"{what} took longer than {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 class ModelHolder:
     """Holds the current Production model; `refresh()` follows the registry alias."""
 
-    def __init__(self, name: str, alias: str, tracking_uri: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        alias: str,
+        tracking_uri: str,
+        registry_timeout: float = 10.0,
+        load_timeout: float = 120.0,
+    ) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
         mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve through it
         self.registry = Registry(name, alias, MlflowClient(tracking_uri=tracking_uri))
-        self.tracking_uri = tracking_uri
+        self.registry_timeout = registry_timeout
+        self.load_timeout = load_timeout
         self._current: ServingModel | None = None
         self._lock = threading.Lock()  # one refresh at a time; readers never wait
+        self.state = LOADING
+        self.registry_reachable: bool | None = None
         self.last_check: float | None = None
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # for the log and the operator, never for clients
+        self.loads = 0
 
     @property
     def current(self) -> ServingModel | None:
+        """The model to answer one request with: read it once per request."""
         return self._current
 
     def refresh(self) -> bool:
-        """Load the version holding the alias if it is not the one served. True on a swap.
+        """Swap in the version holding the alias if it is not the one served; True on a swap.
 
-        Failures (MLflow unreachable, a model that does not load) are kept in `last_error`;
-        the model already served, if any, stays in service.
+        An unreachable registry or a model that does not load keeps the current model; the
+        alias removed withdraws it.
         """
-        with self._lock:
-            try:
-                swapped = self._refresh()
-                self.last_error = None
-                return swapped
-            except Exception as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("model refresh failed: %s", self.last_error)
-                return False
-            finally:
-                self.last_check = time.time()
+        if not self._lock.acquire(blocking=False):
+            return False  # a slow refresh is still running: this one is not needed
+        try:
+            return self._refresh()
+        finally:
+            self.last_check = time.time()
+            self._lock.release()
 
     def _refresh(self) -> bool:
-        # A quick look first: MLflow's own client would retry a dead server for minutes.
-        require_server(self.tracking_uri, wait=0)
-        version = self.registry.production()
-        name, alias = self.registry.name, self.registry.alias
+        name = self.registry.name
+        try:
+            version = _with_timeout(self.registry.production, self.registry_timeout, "registry")
+        except Exception as exc:
+            self.registry_reachable = False
+            self.last_error = f"registry: {type(exc).__name__}: {exc}"
+            log.warning("model registry unreachable: %s", self.last_error)
+            if self._current is None and self.state == LOADING:
+                self.state = NO_MODEL
+            return False
+        self.registry_reachable = True
         if version is None:
+            if self._current is not None:
+                log.warning("alias removed: withdrawing %s version %s", name, self._current.version)
+                self._current = None
+                self.state = WITHDRAWN
+            elif self.state != WITHDRAWN:
+                self.state = NO_MODEL
+            self.last_error = None
             return False
-        if self._current is not None and self._current.version == version.version:
+        wanted = str(version.version)
+        if self._current is not None and self._current.version == wanted:
+            self.last_error = None
             return False
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
-        config = model.model_config
-        self._current = ServingModel(
-            model=model,
-            name=name,
-            version=str(version.version),
-            trained_at=config.get("trained_at"),
-            synthetic=bool(config.get("synthetic")),
-            threshold=float(config["threshold"]),
-        )
-        log.info("serving %s version %s (alias %s)", name, version.version, alias)
+        try:
+            loaded = _with_timeout(
+                lambda: ServingModel.load(name, wanted), self.load_timeout, "model load"
+            )
+        except Exception as exc:
+            self.last_error = f"loading version {wanted}: {type(exc).__name__}: {exc}"
+            log.error("%s", self.last_error)
+            if self._current is None:
+                self.state = NO_MODEL
+            return False
+        self._current = loaded  # one assignment: requests in flight keep the model they read
+        self.state = SERVING
+        self.last_error = None
+        self.loads += 1
+        log.info("serving %s version %s (alias %s)", name, wanted, self.registry.alias)
         return True
 
     def status(self) -> dict:
+        """What /health and /ready say: no URI and no exception text."""
         current = self._current
+        degraded = self.registry_reachable is False or (
+            self.last_error is not None and current is not None
+        )
         return {
+            "status": "degraded" if degraded else "ok",
+            "state": self.state,
             "model_loaded": current is not None,
             "model": current.describe() if current else None,
-            "registry": {
-                "model": self.registry.name,
-                "alias": self.registry.alias,
-                "tracking_uri": self.tracking_uri,
-            },
+            "registry_reachable": self.registry_reachable,
             "last_check": self.last_check,
-            "last_error": self.last_error,
         }
