@@ -1,0 +1,305 @@
+"""Serving latency and throughput of `hm-mlflow serve` on real, full-resolution chest X-rays.
+
+1. A model trained with `hm-mlflow train`'s defaults on ../shared/data/cxr/train, in a SQLite
+   MLflow store (or the one given with --tracking-uri and --model-name, to skip training).
+2. `hm-mlflow serve` on it, with its default workers (one per core) unless --workers.
+3. Latency: one client (http.client, keep-alive, TCP_NODELAY, bodies built beforehand) posting
+   the shared films one after the other, median and tail over --requests requests; beside it,
+   in the same run, OpenCV's full-resolution decode of the same files (cv2.imdecode, grayscale,
+   one thread): the ratio of the two medians.
+4. Throughput: wrk, 8 connections on 2 threads for --duration seconds, each request one of the
+   films as multipart/form-data (a Lua script cycles through them): sustained requests/s and
+   every error (non-2xx, socket errors). The client runs on the same cores as the server.
+
+    .venv/bin/python bench/latency.py [--data ../shared/data/cxr] [--runs 3]
+
+Target on a 2-core machine: ratio <= 4, >= 200 requests/s, 0 errors. Needs wrk (apt-get
+install wrk); without it the throughput part is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+
+from hm_mlflow.config import Settings
+from hm_mlflow.dataset import list_split
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+BIN = Path(sys.executable).parent
+BOUNDARY = "hmmlflowbenchboundary"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def films(data: Path, count: int) -> list[Path]:
+    """`count` films spread over val and train, both classes."""
+    found = [Path(s.location) for split in ("val", "train") for s in list_split(data, split)]
+    step = max(1, len(found) // count)
+    return found[::step][:count]
+
+
+def decode_p50(payloads: list[bytes], rounds: int = 3) -> float:
+    cv2.setNumThreads(1)
+    times = []
+    for _ in range(rounds):
+        for data in payloads:
+            started = time.perf_counter()
+            cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def multipart(name: str, data: bytes) -> bytes:
+    return (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
+def latency(url: str, payloads: list[tuple[str, bytes]], requests: int) -> list[float]:
+    """One client, one request at a time on one keep-alive connection, each body built
+    beforehand (as wrk does): the time is the server's and the network's, not a client
+    library's (httpx adds about 0.3 ms of its own per request here). TCP_NODELAY as browsers
+    and wrk set it."""
+    host, port = url.removeprefix("http://").split(":")
+    bodies = [multipart(name, data) for name, data in payloads]
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.connect()
+    connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    for i in range(requests + 20):
+        body = bodies[i % len(bodies)]
+        started = time.perf_counter()
+        connection.request("POST", "/api/predict", body=body, headers=headers)
+        answer = connection.getresponse()
+        payload = answer.read()
+        elapsed = time.perf_counter() - started
+        if answer.status != 200:
+            raise SystemExit(f"{payloads[i % len(payloads)][0]}: {answer.status} {payload[:200]}")
+        if i >= 20:  # the first ones warm the connection and the model
+            times.append(elapsed)
+    connection.close()
+    return times
+
+
+WRK_SCRIPT = """
+local bodies = {}
+local index = 0
+init = function(args)
+  local dir = args[1]
+  for i = 0, tonumber(args[2]) - 1 do
+    local f = io.open(dir .. "/" .. i .. ".body", "rb")
+    bodies[#bodies + 1] = f:read("*all")
+    f:close()
+  end
+end
+request = function()
+  index = index % #bodies + 1
+  return wrk.format("POST", "/api/predict",
+    {["Content-Type"] = "multipart/form-data; boundary=BOUNDARY"}, bodies[index])
+end
+""".replace("BOUNDARY", BOUNDARY)
+
+
+def throughput(url: str, payloads: list[tuple[str, bytes]], duration: int, tmp: Path) -> dict:
+    wrk = shutil.which("wrk")
+    if not wrk:
+        return {}
+    bodies = tmp / "bodies"
+    bodies.mkdir(exist_ok=True)
+    for i, (name, data) in enumerate(payloads):
+        (bodies / f"{i}.body").write_bytes(multipart(name, data))
+    script = tmp / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    done = subprocess.run(
+        [
+            wrk,
+            "-t2",
+            "-c8",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+            "--",
+            str(bodies),
+            str(len(payloads)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = done.stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non_2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    socket_errors = sum(map(int, re.findall(r"(?:connect|read|write|timeout) (\d+)", out)))
+    p50 = re.search(r"50%\s+([\d.]+)(\w+)", out)
+    return {
+        "rate": rate,
+        "requests": total,
+        "non_2xx": non_2xx,
+        "socket_errors": socket_errors,
+        "wrk_p50": f"{p50.group(1)}{p50.group(2)}" if p50 else "?",
+    }
+
+
+def train_model(data: Path, tmp: Path) -> tuple[str, str]:
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HM_MODEL_NAME": "bench-latency"}
+    print(f"training on {data}/train (hm-mlflow train, defaults) ...", flush=True)
+    subprocess.run(
+        [str(BIN / "hm-mlflow"), "train", "--data", str(data), "--force"],
+        env=env,
+        cwd=tmp,
+        check=True,
+        capture_output=True,
+    )
+    return uri, "bench-latency"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--tracking-uri", help="an MLflow store holding the model already")
+    parser.add_argument("--model-name", default="bench-latency")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--films", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--duration", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    if not list_split(args.data, "train"):
+        raise SystemExit(f"no training images under {args.data}")
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if args.tracking_uri:
+            uri, name = args.tracking_uri, args.model_name
+        else:
+            uri, name = train_model(args.data, tmp)
+        paths = films(args.data, args.films)
+        payloads = [(p.name, p.read_bytes()) for p in paths]
+        port = free_port()
+        env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": uri,
+            "HM_MODEL_NAME": name,
+            "HM_REFRESH_SECONDS": "30",
+        }
+        workers = args.workers or Settings().n_web_workers
+        server = subprocess.Popen(
+            [
+                str(BIN / "hm-mlflow"),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
+            env=env,
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                raise SystemExit("the webapp did not become ready")
+            runs = []
+            for run in range(args.runs):
+                decode = decode_p50([data for _, data in payloads])
+                times = latency(url, payloads, args.requests)
+                load = throughput(url, payloads, args.duration, tmp)
+                runs.append({"decode": decode, "times": times, **load})
+                print(
+                    f"run {run + 1}: p50 {statistics.median(times) * 1000:.2f} ms, decode "
+                    f"{decode * 1000:.2f} ms, {load.get('rate', float('nan')):.1f} req/s",
+                    flush=True,
+                )
+        finally:
+            os.killpg(server.pid, 15)
+            server.wait(30)
+
+    sizes = [len(data) for _, data in payloads]
+    shapes = [
+        cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_GRAYSCALE).shape
+        for _, d in payloads[:50]
+    ]
+    median = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    p = {
+        q: statistics.median(float(np.percentile(r["times"], q)) for r in runs)
+        for q in (50, 95, 99)
+    }
+    decode = median("decode")
+    print(
+        f"\n{len(payloads)} films from {args.data} (val and train), median "
+        f"{statistics.median(sizes) / 1024:.0f} KB, median "
+        f"{statistics.median(s[1] for s in shapes)} x {statistics.median(s[0] for s in shapes)} "
+        f"px; {workers} workers on {os.cpu_count()} cores; medians of {len(runs)} runs"
+    )
+    print(
+        f"latency, one client, {args.requests} requests: p50 {p[50] * 1000:.2f} ms, "
+        f"p95 {p[95] * 1000:.2f} ms, p99 {p[99] * 1000:.2f} ms"
+    )
+    print(f"OpenCV full-resolution decode of the same files: p50 {decode * 1000:.2f} ms")
+    print(f"ratio p50 latency / p50 decode: {p[50] / decode:.2f} (target <= 4)")
+    if "rate" in runs[0]:
+        print(
+            f"throughput, wrk -t2 -c8 -d{args.duration}s: {median('rate'):.1f} requests/s "
+            f"(target >= 200), errors: non-2xx "
+            f"{sum(r['non_2xx'] for r in runs)}, socket {sum(r['socket_errors'] for r in runs)}"
+            f" (over {sum(r['requests'] for r in runs)} requests)"
+        )
+    print(
+        json.dumps(
+            {
+                "p50_ms": p[50] * 1000,
+                "p95_ms": p[95] * 1000,
+                "p99_ms": p[99] * 1000,
+                "decode_p50_ms": decode * 1000,
+                "ratio": p[50] / decode,
+                "requests_per_s": median("rate") if "rate" in runs[0] else None,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
