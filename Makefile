@@ -54,9 +54,10 @@ train: $(STAMP)  ## train on HM_DATA_DIR (default source/chest_xray) against the
 sample: $(STAMP)  ## generate the synthetic sample set into .state/sample
 	$(BIN)/hm-mlflow sample
 
-bench: $(STAMP)  ## benchmarks on ../shared/data/cxr: feature throughput, model quality
+bench: $(STAMP)  ## benchmarks on ../shared/data/cxr: features, model quality, serving (needs wrk)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/latency.py
 
 lock:  ## re-pin every transitive dependency in constraints.txt from a fresh environment
 	rm -rf /tmp/hm-mlflow-lock && $(PYTHON) -m venv /tmp/hm-mlflow-lock
