@@ -92,3 +92,17 @@ def s3_server(tmp_path_factory) -> str:
             time.sleep(0.5)
     yield endpoint
     stop(process)
+
+
+@pytest.fixture
+def platform_env(tmp_path):
+    ports = {"HM_MLFLOW_PORT": str(free_port()), "HM_WEBAPP_PORT": str(free_port())}
+    return {
+        **ports,
+        "HM_STATE_DIR": str(tmp_path / "state"),
+        "HM_DATA_DIR": str(tmp_path / "no-data-here"),
+        "HM_SAMPLE_SIZE": "60",
+        "HM_CV_FOLDS": "3",
+        "HM_AUGMENT_COPIES": "1",
+        "HM_REFRESH_SECONDS": "2",
+    }

@@ -238,3 +238,60 @@ def request_log(url: str, tmp_path: Path) -> list[dict]:
             with contextlib.suppress(json.JSONDecodeError):
                 found.append(json.loads(line))
     return found
+
+
+def tamper(settings, version: str, path: str, content: bytes | None = None) -> None:
+    """Change (or, with no `content`, delete) one file of a registered version in the artifact
+    store, as anyone holding the store's keys could."""
+    import tempfile
+
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    uri = MlflowClient(settings.tracking_uri).get_model_version_download_uri(
+        settings.model_name, version
+    )
+    repo = get_artifact_repository(uri)
+    if content is None:
+        repo.delete_artifacts(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(path).name
+        local.write_bytes(content)
+        parent = str(Path(path).parent)
+        repo.log_artifact(str(local), None if parent == "." else parent)
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = log.read_text(errors="replace") if log.exists() else ""
+        if text in content:
+            return content
+        if process.poll() is not None:
+            raise AssertionError(
+                f"exited with {process.returncode} before {text!r}:\n{content[-3000:]}"
+            )
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} not printed after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def processes_mentioning(needle: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if needle in cmdline:
+                found.append(cmdline)
+    return found
+
+
+def ctrl_c(process: subprocess.Popen) -> int:
+    """What a terminal does on Ctrl-C: SIGINT to the foreground process group."""
+    os.killpg(process.pid, signal.SIGINT)
+    return process.wait(60)

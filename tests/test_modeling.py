@@ -123,14 +123,45 @@ def _m(auc, n=100):
         (_m(0.9), _m(0.8), {"incumbent_version": "1"}, True, "beats version 1's 0.8000"),
         (_m(0.8), _m(0.8), {"incumbent_version": "1"}, False, "does not beat"),
         (_m(0.81), _m(0.8), {"incumbent_version": "1", "margin": 0.02}, False, "margin 0.02"),
-        (_m(0.7), _m(0.8), {"incumbent_version": "1", "force": True}, True, "forced"),
         (None, _m(0.8), {"incumbent_version": "1"}, False, "no held-out split"),
+        # fails closed: an incumbent that cannot be scored blocks the candidate
         (
             _m(0.7),
             None,
             {"incumbent_version": "1", "incumbent_error": "boom"},
+            False,
+            "version 1 could not be evaluated (boom)",
+        ),
+        (_m(0.7), {"n": 100}, {"incumbent_version": "1"}, False, "has no roc_auc"),
+        # synthetic never replaces real, however it scores
+        (
+            _m(0.99),
+            _m(0.6),
+            {"incumbent_version": "1", "candidate_synthetic": True},
+            False,
+            "never replaces version 1, trained on real X-rays",
+        ),
+        (
+            _m(0.99),
+            _m(0.6),
+            {"incumbent_version": "1", "candidate_synthetic": True, "incumbent_synthetic": True},
             True,
-            "could not be evaluated: boom",
+            "beats",
+        ),
+        # --force promotes, and says what the gate would have said
+        (
+            _m(0.7),
+            _m(0.8),
+            {"incumbent_version": "1", "force": True},
+            True,
+            "forced (--force), over the gate's answer: roc_auc 0.7000 does not beat",
+        ),
+        (
+            _m(0.7),
+            None,
+            {"incumbent_version": "1", "incumbent_error": "boom", "force": True},
+            True,
+            "forced (--force), over the gate's answer: version 1 could not be evaluated",
         ),
     ],
 )
@@ -139,3 +170,12 @@ def test_promotion_gate(candidate, incumbent, kwargs, promote, reason):
     decision = decide(candidate, incumbent, **kwargs)
     assert decision.promote is promote
     assert reason in decision.reason
+    assert decision.forced is bool(kwargs.get("force") and kwargs["incumbent_version"])
+
+
+def test_an_unknown_promotion_metric_is_a_configuration_error(monkeypatch):
+    from hm_mlflow.config import ConfigurationError, get_settings
+
+    monkeypatch.setenv("HM_PROMOTION_METRIC", "auc")
+    with pytest.raises(ConfigurationError, match="HM_PROMOTION_METRIC: must be one of accuracy"):
+        get_settings()

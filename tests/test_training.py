@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from hm_mlflow.train import train
 from support import BIN, make_settings, run_hm_mlflow
 
 pytestmark = pytest.mark.integration
-EVALUATE_KEYS = {"n", "accuracy", "roc_auc", "sensitivity", "specificity", "threshold"}
+EVALUATE_KEYS = {"n", "accuracy", "roc_auc", "sensitivity", "specificity", "threshold", "digest"}
 
 
 def test_first_version_is_registered_and_promoted(trained):
@@ -141,7 +142,7 @@ def test_gate_rejects_a_model_that_is_not_better_and_force_overrides(mlflow_serv
     assert not weak.decision.promote
 
     forced = train(sample_root, settings, force=True, progress=False)
-    assert forced.decision.promote and forced.decision.reason == "forced (--force)"
+    assert forced.decision.promote and forced.decision.reason.startswith("forced (--force)")
     assert (
         client.get_model_version_by_alias(settings.model_name, "production").version
         == forced.version
@@ -191,4 +192,52 @@ def test_evaluate_cli_reports_a_missing_model_plainly(mlflow_server, sample_root
     assert done.returncode != 0
     assert done.stdout == ""
     assert "no-such-model" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_clear_errors_for_a_missing_extra_and_a_bad_param(tmp_path):
+    shadow = tmp_path / "no-matplotlib"
+    shadow.mkdir()
+    (shadow / "matplotlib.py").write_text("raise ModuleNotFoundError(\"No module named 'x'\")\n")
+    done = run_hm_mlflow(["train"], {"PYTHONPATH": str(shadow)}, tmp_path)
+    assert done.returncode == 1
+    assert "pip install 'hm-mlflow[train]'" in done.stderr and "matplotlib" in done.stderr
+    assert "Traceback" not in done.stderr
+    for param, words in (
+        ("C=abc", "must be a number"),
+        ("gamma=1", "not a parameter of the model (it takes: C)"),
+        ("C", "NAME=VALUE"),
+    ):
+        done = run_hm_mlflow(["train", "--param", param], {}, tmp_path)
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_unreadable_training_images_are_skipped_named_and_counted(
+    mlflow_server, sample_root, tmp_path
+):
+    root = tmp_path / "chest_xray"
+    shutil.copytree(sample_root, root)
+    broken = sorted((root / "train" / "NORMAL").iterdir())[0]
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG signature, no image
+    settings = make_settings(mlflow_server)
+    result = train(root, settings, progress=False)
+    client = MlflowClient(settings.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.data.params["data.n_unreadable"] == "1"
+    assert run.data.params["data.n_images"] == "79"
+    listed = json.loads(
+        Path(client.download_artifacts(result.run_id, "data/unreadable.json")).read_text()
+    )
+    assert listed == {"unreadable": [str(broken)]}
+
+    for film in sorted((root / "train" / "PNEUMONIA").iterdir())[:5]:
+        film.write_bytes(b"not an image at all")
+    done = run_hm_mlflow(
+        ["train", "--data", str(root)],
+        {"MLFLOW_TRACKING_URI": settings.tracking_uri, "HM_MODEL_NAME": settings.model_name},
+        tmp_path,
+    )
+    assert done.returncode == 1
+    assert "6 of 80 training images cannot be read" in done.stderr and str(broken) in done.stderr
     assert "Traceback" not in done.stderr

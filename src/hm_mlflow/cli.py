@@ -31,11 +31,13 @@ def plain_errors(command):
     def wrapper(*args, **kwargs):
         from mlflow.exceptions import MlflowException
 
+        from hm_mlflow.dataset import DataError
         from hm_mlflow.tracking import TrackingServerUnavailable
 
         try:
             return command(*args, **kwargs)
         except (
+            DataError,
             MlflowException,
             TrackingServerUnavailable,
             FileNotFoundError,
@@ -62,11 +64,13 @@ def _setup_logging(verbose: bool) -> None:
 def cli(verbose: bool) -> None:
     """Chest X-ray classification on MLflow: train, evaluate, serve."""
     _setup_logging(verbose)
+    from hm_mlflow.config import ConfigurationError
     from hm_mlflow.tracking import credentials_from_secret
 
     try:
+        get_settings()  # a wrong setting is said at once, whatever the command
         credentials_from_secret()
-    except RuntimeError as exc:
+    except (ConfigurationError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -112,6 +116,9 @@ def train(
     params: tuple[str, ...],
 ) -> None:
     """Train on DATA/train, log to MLflow, register, and promote if better."""
+    _require_extra("train", "matplotlib", "mlflow.data")
+    parsed = _parse_params(params)
+    from hm_mlflow.embedded import INTERRUPTED, stop_on_signals
     from hm_mlflow.train import train as run_training
     from hm_mlflow.train import training_data
 
@@ -124,10 +131,21 @@ def train(
                 f"'{settings.model_alias}': nothing to train."
             )
             return
-    data = training_data(data, settings, sample_if_empty)
-    result = run_training(
-        data, settings, force=force, promote=not no_promote, params=_parse_params(params)
-    )
+    if str(data or settings.data_dir).startswith("s3://"):
+        _require_extra("train", "boto3")
+    stop_on_signals()  # Ctrl-C or SIGTERM: the run is marked KILLED, nothing is half-written
+    try:
+        data = training_data(data, settings, sample_if_empty)
+        result = run_training(data, settings, force=force, promote=not no_promote, params=parsed)
+    except BaseException as exc:
+        if INTERRUPTED.is_set():  # whatever broke after a stop signal broke because of it
+            click.echo(
+                "Interrupted: the training run, if it had started, is marked KILLED.", err=True
+            )
+            sys.exit(130)
+        if isinstance(exc, KeyboardInterrupt):
+            sys.exit(130)
+        raise
     shown = {
         k: round(v, 4)
         for k, v in result.metrics.items()
@@ -157,13 +175,45 @@ def _production(settings: Settings):
 
 
 def _parse_params(pairs: tuple[str, ...]) -> dict[str, float]:
+    """--param NAME=VALUE pairs: NAME a parameter of the model, VALUE a number."""
+    from hm_mlflow.modeling import DEFAULT_PARAMS
+
     params = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep:
             raise click.BadParameter(f"expected NAME=VALUE, got {pair!r}", param_hint="--param")
-        params[name] = float(value)
+        if name not in DEFAULT_PARAMS:
+            known = ", ".join(sorted(DEFAULT_PARAMS))
+            raise click.BadParameter(
+                f"{name!r} is not a parameter of the model (it takes: {known})",
+                param_hint="--param",
+            )
+        try:
+            params[name] = float(value)
+        except ValueError:
+            raise click.BadParameter(
+                f"{name}={value!r}: the value must be a number", param_hint="--param"
+            ) from None
     return params
+
+
+def _require_extra(extra: str, *modules: str) -> None:
+    """A clear error, with the install command, when an optional part of the package is not
+    installed (instead of a ModuleNotFoundError deep in a traceback)."""
+    import importlib
+
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise click.ClickException(
+            f"this command needs the '{extra}' extra, which is not installed (missing: "
+            f"{', '.join(missing)}): pip install 'hm-mlflow[{extra}]'"
+        )
 
 
 @cli.command()
@@ -197,7 +247,8 @@ def evaluate(data: str | None, split: str, model_uri: str | None, as_json: bool)
         click.echo(json.dumps(result))
     else:
         for key, value in result.items():
-            click.echo(f"{key:>12}  {value if value is None or key == 'n' else f'{value:.4f}'}")
+            shown = value if value is None or isinstance(value, str | int) else f"{value:.4f}"
+            click.echo(f"{key:>12}  {shown}")
 
 
 @cli.command()
@@ -327,6 +378,7 @@ def cloud(ctx: click.Context, outputs_file: Path | None, infra: Path, overrides)
 
 
 def _outputs(ctx: click.Context):
+    _require_extra("cloud", "boto3")
     from hm_mlflow.cloud import load_outputs
 
     return load_outputs(ctx.obj["outputs_file"], ctx.obj["infra"], ctx.obj["overrides"])
@@ -403,13 +455,8 @@ def retrain(ctx: click.Context, params, poll_seconds: float, timeout: float) -> 
     from hm_mlflow.cloud import CloudError, mlflow_uri_for, production
     from hm_mlflow.cloud import retrain as run_task
 
+    overrides = {name: f"{value:g}" for name, value in _parse_params(params).items()}
     outputs = _outputs(ctx)
-    overrides = {}
-    for pair in params:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected NAME=VALUE, got {pair!r}", param_hint="--param")
-        overrides[name] = value
     task = run_task(outputs, overrides, poll_seconds, timeout, click.echo)
     group = outputs["log_groups"]["training"]
     click.echo(f"--- last {len(task.log_lines)} lines of {group} (task {task.task_id}) ---")

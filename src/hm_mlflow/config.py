@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -64,6 +64,15 @@ class Settings(BaseSettings):
     # AWS), so that it never reuses a connection the server is closing.
     keep_alive_seconds: int = Field(75, gt=0)
 
+    @field_validator("promotion_metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        from hm_mlflow.metrics import METRIC_NAMES
+
+        if value not in METRIC_NAMES:
+            raise ValueError(f"must be one of {', '.join(METRIC_NAMES)}, not {value!r}")
+        return value
+
     @property
     def tracking_uri(self) -> str:
         """`MLFLOW_TRACKING_URI` if set, else the embedded platform's server."""
@@ -86,6 +95,25 @@ class Settings(BaseSettings):
         return self.web_workers or os.cpu_count() or 1
 
 
+class ConfigurationError(ValueError):
+    """A setting in the environment is wrong; the message names it and says why."""
+
+
 def get_settings() -> Settings:
-    """Fresh settings from the current environment."""
-    return Settings()
+    """Fresh settings from the current environment; ConfigurationError names a bad one."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_variable(error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors()
+        )
+        raise ConfigurationError(f"configuration error: {problems}") from None
+
+
+def _variable(location: tuple) -> str:
+    field = str(location[0]) if location else "?"
+    alias = Settings.model_fields.get(field)
+    if alias is not None and alias.validation_alias:
+        return str(alias.validation_alias)
+    return f"HM_{field.upper()}"

@@ -36,6 +36,10 @@ _PATIENT_PATTERNS = (
 )
 
 
+class DataError(ValueError):
+    """The data root is unusable as it is (one class only, too many unreadable images)."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One labelled image, at a local path or an s3:// URI."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -15,22 +17,32 @@ BATCH = 32
 
 def predict_samples(
     model: mlflow.pyfunc.PyFuncModel, samples: list[Sample], progress: bool = True
-) -> np.ndarray:
-    """P(PNEUMONIA) for each sample, from the model's own preprocessing of the file's bytes."""
-    probabilities = []
+) -> tuple[np.ndarray, str]:
+    """P(PNEUMONIA) for each sample, from the model's own preprocessing of the file's bytes,
+    and the digest of what was scored (each image's label and content hash, in order)."""
+    probabilities, digest = [], hashlib.sha256()
     batches = range(0, len(samples), BATCH)
     for start in tqdm(batches, desc="predict", unit="batch", disable=not progress):
-        frame = pd.DataFrame({"image": [s.read_bytes() for s in samples[start : start + BATCH]]})
+        batch = samples[start : start + BATCH]
+        images = [s.read_bytes() for s in batch]
+        for sample, data in zip(batch, images, strict=True):
+            digest.update(f"{sample.label_name}:{hashlib.sha256(data).hexdigest()}\n".encode())
+        frame = pd.DataFrame({"image": images})
         probabilities.append(model.predict(frame)["probability"].to_numpy(dtype=float))
-    return np.concatenate(probabilities) if probabilities else np.zeros(0)
+    scored = np.concatenate(probabilities) if probabilities else np.zeros(0)
+    return scored, digest.hexdigest()
 
 
 def evaluate_model(
     model_uri: str, data_root, split: str, progress: bool = True
-) -> dict[str, float | int | None]:
-    """`binary_metrics` of the model at `model_uri` on `data_root/split`, at its own threshold."""
+) -> dict[str, float | int | str | None]:
+    """`binary_metrics` of the model at `model_uri` on `data_root/split`, at its own threshold,
+    with the `digest` of the images scored."""
     samples = require_split(data_root, split)
     model = mlflow.pyfunc.load_model(model_uri)
-    probability = predict_samples(model, samples, progress)
+    probability, digest = predict_samples(model, samples, progress)
     y = np.array([s.label for s in samples])
-    return binary_metrics(y, probability, float(model.model_config["threshold"]))
+    return {
+        **binary_metrics(y, probability, float(model.model_config["threshold"])),
+        "digest": digest,
+    }

@@ -31,3 +31,8 @@ def confusion_figure(y, probability, threshold: float, title: str) -> plt.Figure
     ax.set_title(f"{title} (threshold {threshold:.3f})")
     fig.tight_layout()
     return fig
+
+
+def close(fig: plt.Figure) -> None:
+    """Free a figure once it is logged; pyplot keeps every open one alive."""
+    plt.close(fig)

@@ -26,6 +26,7 @@ class Decision:
 
     promote: bool
     reason: str
+    forced: bool = False
 
 
 def decide(
@@ -37,33 +38,76 @@ def decide(
     incumbent_version: str | None,
     force: bool = False,
     incumbent_error: str | None = None,
+    candidate_synthetic: bool = False,
+    incumbent_synthetic: bool = False,
+    split: str = "the held-out split",
 ) -> Decision:
-    """The promotion gate. `candidate` and `incumbent` are `binary_metrics` of both models on
-    the same held-out images; `incumbent_version` is None when nothing holds the alias yet."""
-    if force:
-        return Decision(True, "forced (--force)")
+    """The promotion gate. It fails closed: the candidate takes the alias only when it is shown
+    to be better, by `metric` on the same held-out images (`binary_metrics` of both models on
+    `split`). `incumbent_version` is None when nothing holds the alias yet. `force` promotes
+    whatever the comparison says, and says so."""
     if incumbent_version is None:
         return Decision(True, "no version held the alias yet")
+    verdict = _compare(
+        candidate,
+        incumbent,
+        metric,
+        margin,
+        incumbent_version,
+        incumbent_error,
+        candidate_synthetic,
+        incumbent_synthetic,
+        split,
+    )
+    if force:
+        return Decision(True, f"forced (--force), over the gate's answer: {verdict.reason}", True)
+    return verdict
+
+
+def _compare(
+    candidate,
+    incumbent,
+    metric,
+    margin,
+    incumbent_version,
+    incumbent_error,
+    candidate_synthetic,
+    incumbent_synthetic,
+    split,
+) -> Decision:
+    override = "; --force overrides"
+    if candidate_synthetic and not incumbent_synthetic:
+        return Decision(
+            False,
+            f"a model trained on synthetic images never replaces version {incumbent_version}, "
+            f"trained on real X-rays{override}",
+        )
     if incumbent_error:
         return Decision(
-            True, f"version {incumbent_version} could not be evaluated: {incumbent_error}"
+            False,
+            f"version {incumbent_version} could not be evaluated ({incumbent_error}), so the "
+            f"candidate cannot be shown to be better{override}",
         )
     if candidate is None or not is_number(candidate.get(metric)):
-        return Decision(False, f"no held-out split to compare {metric} on; --force overrides")
-    new, old = candidate[metric], incumbent[metric] if incumbent else None
-    if not is_number(old):
-        return Decision(True, f"version {incumbent_version} has no {metric} on the same data")
-    where = f"on {candidate['n']} held-out images"
+        return Decision(False, f"no held-out split to compare {metric} on{override}")
+    if incumbent is None or not is_number(incumbent.get(metric)):
+        return Decision(
+            False,
+            f"version {incumbent_version} has no {metric} on {split}, so the candidate "
+            f"cannot be shown to be better{override}",
+        )
+    new, old = candidate[metric], incumbent[metric]
+    where = f"on {split} ({candidate['n']} images)"
     if new > old + margin:
         return Decision(
             True,
-            f"{metric} {new:.4f} beats version {incumbent_version}'s {old:.4f} "
-            f"by more than the margin {margin:g} {where}",
+            f"{metric} {new:.4f} beats version {incumbent_version}'s {old:.4f} by more than "
+            f"the margin {margin:g} {where}",
         )
     return Decision(
         False,
-        f"{metric} {new:.4f} does not beat version {incumbent_version}'s "
-        f"{old:.4f} by more than the margin {margin:g} {where}",
+        f"{metric} {new:.4f} does not beat version {incumbent_version}'s {old:.4f} by more "
+        f"than the margin {margin:g} {where}",
     )
 
 
@@ -84,8 +128,9 @@ class Registry:
                 return None
             raise
 
-    def record(self, version: str, decision: Decision) -> None:
-        """Tag and describe the version with the gate's decision; move the alias if promoted."""
+    def record(self, version: str, decision: Decision, tags: dict[str, str] | None = None) -> None:
+        """Tag and describe the version with the gate's decision (and `tags`: the scores, the
+        split, its size and digest); move the alias if promoted."""
         now = datetime.now(UTC).isoformat(timespec="seconds")
         if not self.client.get_registered_model(self.name).description:
             self.client.update_registered_model(
@@ -100,5 +145,10 @@ class Registry:
         )
         self.client.set_model_version_tag(self.name, version, "promotion.reason", decision.reason)
         self.client.set_model_version_tag(self.name, version, "promotion.decided_at", now)
+        self.client.set_model_version_tag(
+            self.name, version, "promotion.forced", str(decision.forced).lower()
+        )
+        for key, value in (tags or {}).items():
+            self.client.set_model_version_tag(self.name, version, key, value)
         if decision.promote:
             self.client.set_registered_model_alias(self.name, self.alias, version)

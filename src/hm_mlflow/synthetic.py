@@ -297,7 +297,9 @@ def write_sample_set(
 
     Sizes: `n_train` training films, 16 in val (8 + 8) and `n_train // 3` in test. An existing set
     made with the same parameters is kept as it is; one made with others is replaced. A folder
-    that holds images but no marker is real data and is never touched.
+    that holds images but no marker is real data and is never touched. The set is written into
+    a temporary folder beside `root` and renamed when complete, so an interruption leaves no
+    half-written set behind (a leftover temporary folder is removed by the next call).
     """
     root = Path(root)
     params = {
@@ -315,11 +317,20 @@ def write_sample_set(
             shutil.rmtree(root / split, ignore_errors=True)
     elif any(list_split(root, split) for split in SPLITS):
         raise FileExistsError(f"{root} already holds images that are not a synthetic sample set")
+    partial = root.with_name(f".{root.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted call left
     jobs = _plan(n_train, seed, pneumonia_fraction)
-    for folder in {root / path.parent for path, _, _ in jobs}:
+    for folder in {partial / path.parent for path, _, _ in jobs}:
         folder.mkdir(parents=True, exist_ok=True)
     Parallel(n_jobs=n_jobs)(
-        delayed(_write_film)(root / path, anatomy, film_seed) for path, anatomy, film_seed in jobs
+        delayed(_write_film)(partial / path, anatomy, film_seed)
+        for path, anatomy, film_seed in jobs
     )
-    marker.write_text(json.dumps(params, indent=2) + "\n")
+    (partial / SYNTHETIC_MARKER).write_text(json.dumps(params, indent=2) + "\n")
+    if root.exists():  # an empty folder, or one emptied of an older set above
+        if any(root.iterdir()):
+            shutil.rmtree(partial)
+            raise FileExistsError(f"{root} holds other files: not replaced by a sample set")
+        root.rmdir()
+    partial.rename(root)
     return root

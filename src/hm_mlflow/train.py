@@ -25,6 +25,7 @@ from hm_mlflow import features, modeling, plots
 from hm_mlflow.augment import augment
 from hm_mlflow.config import Settings
 from hm_mlflow.dataset import (
+    DataError,
     Sample,
     is_s3,
     is_synthetic,
@@ -34,8 +35,8 @@ from hm_mlflow.dataset import (
     synthetic_info,
 )
 from hm_mlflow.evaluate import evaluate_model
-from hm_mlflow.metrics import METRIC_NAMES, binary_metrics
-from hm_mlflow.packaging import log_model
+from hm_mlflow.metrics import METRIC_NAMES, binary_metrics, is_number
+from hm_mlflow.packaging import log_model, record_checksums
 from hm_mlflow.registry import Decision, Registry, decide
 from hm_mlflow.synthetic import write_sample_set
 from hm_mlflow.tracking import require_server
@@ -66,22 +67,36 @@ class TrainResult:
     comparison: Comparison | None = None
 
 
+MAX_UNREADABLE = 0.02
+"""Share of the training images that may be unreadable (skipped, named and counted); above it
+the data root is broken and training stops."""
+
+
 def _extract_batch(
     samples: list[Sample], first: int, copies: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features of a batch; an image that cannot be decoded gets a row of NaN and an empty
+    digest (prepare() skips it and names it)."""
     cv2.setNumThreads(1)  # one process per core already
-    vectors, augmented, digests = [], [], []
+    width = features.n_features()
+    vectors = np.full((len(samples), width), np.nan, dtype=np.float32)
+    augmented = np.full((len(samples), copies, width), np.nan, dtype=np.float32)
+    digests = [""] * len(samples)
     for offset, sample in enumerate(samples):
         data = sample.read_bytes()
-        vectors.append(features.extract(data))  # exactly what serving computes
-        if copies:
-            # Copies are cut from a finer decode, so a 45 % crop still has the canvas' detail.
-            film = features.load(data, min_side=2 * features.CANVAS)
-            rng = np.random.default_rng([seed, first + offset])
-            augmented.append([features.from_image(augment(film, rng)) for _ in range(copies)])
-        digests.append(hashlib.sha256(data).hexdigest())
-    width = len(vectors[0])
-    return np.stack(vectors), np.array(augmented).reshape(len(samples), copies, width), digests
+        try:
+            vectors[offset] = features.extract(data)  # exactly what serving computes
+            if copies:
+                # Copies are cut from a finer decode, so a 45 % crop keeps the canvas' detail.
+                film = features.load(data, min_side=2 * features.CANVAS)
+                rng = np.random.default_rng([seed, first + offset])
+                for k in range(copies):
+                    augmented[offset, k] = features.from_image(augment(film, rng))
+        except (ValueError, cv2.error):
+            vectors[offset] = np.nan
+            continue
+        digests[offset] = hashlib.sha256(data).hexdigest()
+    return vectors, augmented, digests
 
 
 def extract_features(
@@ -135,6 +150,7 @@ class Prepared:
     digests: list[str]
     synthetic: bool
     params: dict
+    unreadable: list[str] = field(default_factory=list)  # skipped, named in the run
 
     @property
     def y(self) -> np.ndarray:
@@ -160,20 +176,32 @@ def prepare(
     samples = require_split(data_root, "train")
     y = np.array([s.label for s in samples])
     if len(np.unique(y)) < 2:
-        raise ValueError(
+        raise DataError(
             f"{data_root}/train holds only one class; both NORMAL and PNEUMONIA are needed"
         )
     groups = np.array([s.patient for s in samples])
     X, X_aug, digests = extract_features(
         samples, settings.n_workers, settings.augment_copies, settings.seed, progress
     )
+    readable = ~np.isnan(X).any(axis=1)
+    unreadable = [samples[i].location for i in np.flatnonzero(~readable)]
+    if unreadable:
+        names = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+        if len(unreadable) > MAX_UNREADABLE * len(samples):
+            raise DataError(
+                f"{len(unreadable)} of {len(samples)} training images cannot be read "
+                f"(more than {MAX_UNREADABLE:.0%}): {names}"
+            )
+        log.warning("skipping %d unreadable training images: %s", len(unreadable), names)
+    keep = np.flatnonzero(readable)
     return Prepared(
         data_root=data_root,
-        samples=samples,
-        data=modeling.TrainingSet(X, y, groups, X_aug),
-        digests=digests,
+        samples=[samples[i] for i in keep],
+        data=modeling.TrainingSet(X[keep], y[keep], groups[keep], X_aug[:, keep]),
+        digests=[digests[i] for i in keep],
         synthetic=is_synthetic(data_root),
         params={**modeling.DEFAULT_PARAMS, **(params or {})},
+        unreadable=unreadable,
     )
 
 
@@ -226,128 +254,210 @@ def register(
     require_server(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     experiment = mlflow.set_experiment(settings.experiment)
+    with mlflow.start_run() as run:
+        try:
+            return _record_run(
+                run,
+                experiment.experiment_id,
+                prepared,
+                validated,
+                settings,
+                force,
+                promote,
+                progress,
+            )
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (stop_on_signals): said in MLflow
+            mlflow.end_run(status="KILLED")
+            raise
+
+
+def _record_run(
+    run,
+    experiment_id: str,
+    prepared: Prepared,
+    validated: CrossValidated,
+    settings: Settings,
+    force: bool,
+    promote: bool,
+    progress: bool,
+) -> TrainResult:
+    """Everything the training run records, in the active run `run`."""
     data_root, samples, params = prepared.data_root, prepared.samples, prepared.params
     y, X, groups = prepared.y, prepared.data.X, prepared.data.groups
     synthetic = prepared.synthetic
     threshold, metrics = validated.threshold, dict(validated.metrics)
-
-    with mlflow.start_run() as run:
-        started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
-        table = manifest(samples, data_root, prepared.digests)
-        with warnings.catch_warnings():  # MLflow registers the local file source twice
-            warnings.filterwarnings("ignore", message="The specified dataset source")
-            dataset = mlflow.data.from_pandas(
-                table,
-                source=data_root if is_s3(data_root) else str(Path(data_root).resolve()),
-                name=posixpath.basename(data_root.rstrip("/")),
-                targets="label",
-            )
-        mlflow.log_input(dataset, context="training")
-        mlflow.log_table(table, "data/train_manifest.json")
-        mlflow.set_tags({"hm.synthetic": str(synthetic).lower(), "hm.data_root": str(data_root)})
-        if synthetic:
-            mlflow.set_tag("hm.synthetic_generator", str(synthetic_info(data_root)))
-        mlflow.log_params(
-            {
-                **{f"model.{k}": v for k, v in params.items()},
-                "model.estimator": "soft vote of 2 balanced logistic regressions (all features; "
-                "intensity + HOG), sigmoid-calibrated",
-                "augment.copies": settings.augment_copies,
-                "augment.crop_area": "-".join(map(str, augmentation.CROP_AREA)),
-                "augment.gamma": "-".join(map(str, augmentation.GAMMA)),
-                "cv.folds": settings.cv_folds,
-                "cv.grouping": "patient",
-                "seed": settings.seed,
-                "features.version": features.FEATURE_VERSION,
-                "features.n": X.shape[1],
-                "features.canvas": features.CANVAS,
-                "data.n_images": len(samples),
-                "data.n_patients": len(set(groups)),
-                "data.n_normal": int((y == 0).sum()),
-                "data.n_pneumonia": int((y == 1).sum()),
-                "data.digest": dataset.digest,
-            }
+    started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
+    table = manifest(samples, data_root, prepared.digests)
+    with warnings.catch_warnings():  # MLflow registers the local file source twice
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        dataset = mlflow.data.from_pandas(
+            table,
+            source=data_root if is_s3(data_root) else str(Path(data_root).resolve()),
+            name=posixpath.basename(data_root.rstrip("/")),
+            targets="label",
         )
-        mlflow.log_figure(
-            plots.roc_figure(y, validated.cv.probability, "Cross-validation ROC"),
-            "plots/cv_roc.png",
-        )
-        mlflow.log_figure(
-            plots.confusion_figure(y, validated.cv.probability, threshold, "Cross-validation"),
-            "plots/cv_confusion.png",
-        )
-
-        log.info("fitting the final model on %d images", len(samples))
-        estimator = modeling.fit_calibrated(
-            prepared.data, params=params, n_folds=settings.cv_folds, seed=settings.seed
-        )
-        config = {
-            "trained_at": started.isoformat(timespec="seconds"),
-            "synthetic": synthetic,
-            "data_digest": dataset.digest,
-            "run_id": run.info.run_id,
+    mlflow.log_input(dataset, context="training")
+    mlflow.log_table(table, "data/train_manifest.json")
+    if prepared.unreadable:
+        mlflow.log_dict({"unreadable": prepared.unreadable}, "data/unreadable.json")
+    mlflow.set_tags({"hm.synthetic": str(synthetic).lower(), "hm.data_root": str(data_root)})
+    if synthetic:
+        mlflow.set_tag("hm.synthetic_generator", str(synthetic_info(data_root)))
+    mlflow.log_params(
+        {
+            **{f"model.{k}": v for k, v in params.items()},
+            "model.estimator": "soft vote of 2 balanced logistic regressions (all features; "
+            "intensity + HOG), sigmoid-calibrated",
+            "augment.copies": settings.augment_copies,
+            "augment.crop_area": "-".join(map(str, augmentation.CROP_AREA)),
+            "augment.gamma": "-".join(map(str, augmentation.GAMMA)),
+            "cv.folds": settings.cv_folds,
+            "cv.grouping": "patient",
+            "seed": settings.seed,
+            "features.version": features.FEATURE_VERSION,
+            "features.n": X.shape[1],
+            "features.canvas": features.CANVAS,
+            "data.n_images": len(samples),
+            "data.n_unreadable": len(prepared.unreadable),
+            "data.n_patients": len(set(groups)),
+            "data.n_normal": int((y == 0).sum()),
+            "data.n_pneumonia": int((y == 1).sum()),
+            "data.digest": dataset.digest,
         }
-        info = log_model(estimator, threshold, config, registered_model_name=settings.model_name)
-        version = str(info.registered_model_version)
+    )
+    for figure, name in (
+        (plots.roc_figure(y, validated.cv.probability, "Cross-validation ROC"), "cv_roc"),
+        (
+            plots.confusion_figure(y, validated.cv.probability, threshold, "Cross-validation"),
+            "cv_confusion",
+        ),
+    ):
+        mlflow.log_figure(figure, f"plots/{name}.png")
+        plots.close(figure)
 
-        # Held-out splits, scored through the logged model: the path serving will take.
-        holdout = {}
-        for split in HOLDOUT_SPLITS:
-            if list_split(data_root, split):
-                holdout[split] = evaluate_model(info.model_uri, data_root, split, progress)
-                metrics.update(
-                    {
-                        f"{split}_{k}": v
-                        for k, v in holdout[split].items()
-                        if k in METRIC_NAMES and v is not None
-                    }
-                )
-        mlflow.log_metrics(metrics)
+    log.info("fitting the final model on %d images", len(samples))
+    estimator = modeling.fit_calibrated(
+        prepared.data, params=params, n_folds=settings.cv_folds, seed=settings.seed
+    )
+    config = {
+        "trained_at": started.isoformat(timespec="seconds"),
+        "synthetic": synthetic,
+        "data_digest": dataset.digest,
+        "run_id": run.info.run_id,
+    }
+    info = log_model(estimator, threshold, config, registered_model_name=settings.model_name)
+    version = str(info.registered_model_version)
+    registry = Registry(settings.model_name, settings.model_alias)
+    # A model is code the webapp will run: its files' checksums, recorded now, are checked
+    # before it is loaded (hm_mlflow.serve.model_holder).
+    record_checksums(info.model_uri, settings.model_name, version, registry.client)
 
-        registry = Registry(settings.model_name, settings.model_alias)
-        comparison = Comparison(split=gate_split(data_root), candidate=None, incumbent=None)
-        if promote:
-            decision, comparison = _gate(registry, holdout, data_root, settings, force)
-        else:
-            decision = Decision(False, "promotion not requested (--no-promote)")
-        registry.record(version, decision)
-        mlflow.set_tags(
-            {
-                "promotion.decision": "promoted" if decision.promote else "rejected",
-                "promotion.reason": decision.reason,
-                "registered.version": version,
-            }
+    # Held-out splits, scored through the logged model: the path serving will take.
+    holdout = {}
+    for split in HOLDOUT_SPLITS:
+        if list_split(data_root, split):
+            holdout[split] = evaluate_model(info.model_uri, data_root, split, progress)
+            metrics.update(
+                {
+                    f"{split}_{k}": v
+                    for k, v in holdout[split].items()
+                    if k in METRIC_NAMES and v is not None
+                }
+            )
+    mlflow.log_metrics(metrics)
+
+    provenance = {"hm.synthetic": str(synthetic).lower(), "hm.data_root": data_root}
+    for key, value in provenance.items():  # on the version too: who replaces whom
+        registry.client.set_model_version_tag(settings.model_name, version, key, value)
+    comparison = Comparison(split=gate_split(data_root), candidate=None, incumbent=None)
+    gate_tags: dict[str, str] = {}
+    if promote:
+        decision, comparison, gate_tags = _gate(
+            registry, holdout, data_root, synthetic, info.model_uri, settings, force
         )
-        log.info(
-            "version %s: %s (%s)",
-            version,
-            "promoted" if decision.promote else "not promoted",
-            decision.reason,
-        )
-        return TrainResult(
-            run.info.run_id,
-            version,
-            decision,
-            metrics,
-            experiment_id=experiment.experiment_id,
-            comparison=comparison,
-        )
+    else:
+        decision = Decision(False, "promotion not requested (--no-promote)")
+    registry.record(version, decision, gate_tags)
+    mlflow.set_tags(
+        {
+            "promotion.decision": "promoted" if decision.promote else "rejected",
+            "promotion.reason": decision.reason,
+            "promotion.forced": str(decision.forced).lower(),
+            "registered.version": version,
+            **gate_tags,
+        }
+    )
+    log.info(
+        "version %s: %s (%s)",
+        version,
+        "promoted" if decision.promote else "not promoted",
+        decision.reason,
+    )
+    return TrainResult(
+        run.info.run_id,
+        version,
+        decision,
+        metrics,
+        experiment_id=experiment_id,
+        comparison=comparison,
+    )
+
+
+def _provenance(registry: Registry, version) -> tuple[bool, str | None]:
+    """(trained on synthetic images?, its data root) of a registered version: from the version's
+    tags, else from its run's."""
+    tags = dict(version.tags or {})
+    if "hm.synthetic" not in tags and version.run_id:
+        try:
+            tags = {**registry.client.get_run(version.run_id).data.tags, **tags}
+        except Exception:  # the run may be gone; then nothing says it was synthetic
+            log.warning("run %s of version %s not found", version.run_id, version.version)
+    return tags.get("hm.synthetic") == "true", tags.get("hm.data_root")
 
 
 def _gate(
-    registry: Registry, holdout: dict, data_root: str, settings: Settings, force: bool
-) -> tuple[Decision, Comparison]:
-    """Compare the candidate with the current Production version on the same held-out images;
-    the incumbent's figures are logged to the run as `gate_incumbent_*`."""
-    split = gate_split(data_root)
+    registry: Registry,
+    holdout: dict,
+    data_root: str,
+    synthetic: bool,
+    candidate_uri: str,
+    settings: Settings,
+    force: bool,
+) -> tuple[Decision, Comparison, dict[str, str]]:
+    """Compare the candidate with the current Production version on the same held-out images,
+    failing closed. When the incumbent was trained on real X-rays, the comparison is on real
+    held-out images: the candidate's own split if its data is real, else the incumbent's.
+    The incumbent's figures are logged to the run as `gate_incumbent_*`; the returned tags
+    (both scores, the split, its size and digest) go on the run and the version."""
+    metric = settings.promotion_metric
     current = registry.production()
-    incumbent, error = None, None
-    if current is not None and split is not None and not force:
+    if current is None:
+        split = gate_split(data_root)
+        candidate = holdout.get(split) if split else None
+        decision = decide(candidate, None, metric=metric, margin=0.0, incumbent_version=None)
+        tags = _gate_tags(metric, f"{split} of {data_root}" if split else "none", candidate, None)
+        return decision, Comparison(split, candidate, None), tags
+
+    incumbent_synthetic, incumbent_root = _provenance(registry, current)
+    root, split, error = data_root, gate_split(data_root), None
+    if not incumbent_synthetic and (synthetic or split is None):
+        root = incumbent_root or ""
         try:
+            split = gate_split(root) if root else None
+        except Exception as exc:  # gone, moved, no credentials: cannot compare on real data
+            split, error = None, f"its held-out images at {root} cannot be read: {exc}"
+        if split is None and error is None:
+            error = f"it names no real held-out images to compare on (data root {root!r})"
+    candidate = incumbent = None
+    if split is not None:
+        candidate = holdout.get(split) if root == data_root else None
+        try:
+            if candidate is None:
+                candidate = evaluate_model(candidate_uri, root, split, progress=False)
             incumbent = evaluate_model(
-                f"models:/{registry.name}/{current.version}", data_root, split, progress=False
+                f"models:/{registry.name}/{current.version}", root, split, progress=False
             )
-        except Exception as exc:  # an unloadable incumbent must not block a working candidate
+        except Exception as exc:  # a transient artifact or S3 error: the gate fails closed
             error = f"{type(exc).__name__}: {exc}"
     if incumbent:
         mlflow.log_metrics(
@@ -357,15 +467,39 @@ def _gate(
                 if k in METRIC_NAMES and v is not None
             }
         )
-    mlflow.set_tags({"gate.split": split or "none", "gate.metric": settings.promotion_metric})
-    candidate = holdout.get(split) if split else None
+    where = f"{split} of {root}" if split else "none"
     decision = decide(
         candidate,
         incumbent,
-        metric=settings.promotion_metric,
+        metric=metric,
         margin=settings.promotion_margin,
         force=force,
-        incumbent_version=current.version if current else None,
+        incumbent_version=current.version,
         incumbent_error=error,
+        candidate_synthetic=synthetic,
+        incumbent_synthetic=incumbent_synthetic,
+        split=f"the {where} split" if split else "no split",
     )
-    return decision, Comparison(split, candidate, incumbent, current.version if current else None)
+    tags = {
+        **_gate_tags(metric, where, candidate, incumbent),
+        "gate.incumbent_version": str(current.version),
+    }
+    return decision, Comparison(split, candidate, incumbent, str(current.version)), tags
+
+
+def _gate_tags(metric: str, where: str, candidate: dict | None, incumbent: dict | None) -> dict:
+    """What the gate compared, as tags: the metric, both scores, the split, its size, digest."""
+    scored = candidate or incumbent or {}
+
+    def score(scores: dict | None) -> str:
+        value = (scores or {}).get(metric)
+        return f"{value:.6f}" if is_number(value) else "none"
+
+    return {
+        "gate.metric": metric,
+        "gate.split": where,
+        "gate.split_size": str(scored.get("n", 0)),
+        "gate.split_digest": str(scored.get("digest", "")),
+        "gate.candidate_score": score(candidate),
+        "gate.incumbent_score": score(incumbent),
+    }
