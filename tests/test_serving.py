@@ -472,3 +472,34 @@ def test_worker_memory_stays_bounded_whatever_is_posted(trained, tmp_path):
     bound = max(budget_mb, largest_mb) + 64
     print(f"peak growth per worker (MB): {growth}, bound {bound:.0f} MB")
     assert max(growth.values()) <= bound, growth
+
+
+def test_a_model_altered_in_the_store_is_not_loaded(mlflow_server, sample_root, tmp_path, film):
+    """Models are code: a version whose files changed after registration is refused, the one
+    in service stays, and /health says why."""
+    from support import tamper
+
+    settings = make_settings(mlflow_server)
+    first = train(sample_root, settings, progress=False)
+    second = train(sample_root, settings, promote=False, progress=False)
+    tamper(settings, second.version, "model_code.py", b"import os\nos.system('echo owned')\n")
+    url, process = serve(settings, tmp_path, HM_WEB_WORKERS="2")
+    try:
+        wait_for_version(url, first.version)
+        MlflowClient(settings.tracking_uri).set_registered_model_alias(
+            settings.model_name, settings.model_alias, second.version
+        )
+        deadline = time.monotonic() + 30
+        while not (health := httpx.get(f"{url}/health").json())["refused"]:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.5)
+        assert health["status"] == "degraded"
+        assert health["refused"]["version"] == second.version
+        assert (
+            "do not match the checksums recorded at registration (model_code.py)"
+            in health["refused"]["reason"]
+        )
+        assert health["model"]["version"] == first.version  # still in service
+        assert post(url, film).json()["model"]["version"] == first.version
+    finally:
+        stop(process)

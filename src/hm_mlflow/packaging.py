@@ -77,3 +77,40 @@ def log_model(
             pip_requirements=[f"{name}=={version(name)}" for name in RUNTIME_PACKAGES],
             registered_model_name=registered_model_name,
         )
+
+
+CHECKSUMS_TAG = "hm.model_files"
+"""Version tag holding the SHA-256 of every file of the logged model, recorded at registration."""
+_NOT_STORED = {"registered_model_meta"}  # written by MLflow's downloader (name and version)
+
+
+def file_checksums(directory: str | Path) -> dict[str, str]:
+    """SHA-256 of every file of a downloaded model, by path relative to it."""
+    import hashlib
+
+    root = Path(directory)
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name not in _NOT_STORED
+    }
+
+
+def checksum_mismatches(directory: str | Path, recorded: dict[str, str]) -> list[str]:
+    """Files that differ from, or are missing from, or were added to what was recorded."""
+    found = file_checksums(directory)
+    changed = [name for name, digest in recorded.items() if found.get(name) != digest]
+    added = [name for name in found if name not in recorded]
+    return sorted(changed + added)
+
+
+def record_checksums(model_uri: str, name: str, version: str, client) -> dict[str, str]:
+    """Hash the files of the logged model at `model_uri` as stored, and tag the registered
+    version with them: what the webapp checks before it runs a version's code."""
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)
+        checksums = file_checksums(local)
+    client.set_model_version_tag(name, version, CHECKSUMS_TAG, json.dumps(checksums))
+    return checksums

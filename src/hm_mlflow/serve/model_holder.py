@@ -11,6 +11,7 @@ and model loads have time limits: a hung call never blocks later swaps.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ LOADING, SERVING, NO_MODEL, WITHDRAWN = "loading", "serving", "no_model", "withd
 
 class ModelFailure(Exception):
     """The model failed on an image for a reason other than the image itself."""
+
+
+class ModelRefused(Exception):
+    """A version that must not be run (altered files, or none recorded); says which and why."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +57,34 @@ class ServingModel:
     threshold: float
     labels: tuple[str, str] = ("NORMAL", "PNEUMONIA")
     fast: object | None = field(default=None, repr=False)  # the python model's classify()
+    directory: str | None = None  # the verified copy it was loaded from
 
     @classmethod
-    def load(cls, name: str, version: str) -> ServingModel:
+    def load(cls, name: str, version: str, recorded: dict[str, str] | None) -> ServingModel:
+        """Download the version's files, check them against the checksums recorded when it
+        was registered (`recorded`), and load that very copy. A model is code this process
+        will run: one altered in the store after registration is refused (ModelRefused)."""
+        import tempfile
+
         import mlflow
 
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        from hm_mlflow.packaging import checksum_mismatches
+
+        if not recorded:
+            raise ModelRefused(
+                f"version {version} has no checksums recorded at registration, so its files "
+                "cannot be trusted: it is not loaded"
+            )
+        directory = tempfile.mkdtemp(prefix="hm-model-")
+        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=directory)
+        changed = checksum_mismatches(local, recorded)
+        if changed:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise ModelRefused(
+                f"version {version}'s files do not match the checksums recorded at "
+                f"registration ({', '.join(changed)}): it is not loaded"
+            )
+        model = mlflow.pyfunc.load_model(local)
         config = model.model_config
         python_model = model.unwrap_python_model()
         return cls(
@@ -69,6 +96,7 @@ class ServingModel:
             threshold=float(config["threshold"]),
             labels=tuple(config.get("labels", cls.labels)),
             fast=getattr(python_model, "classify", None),
+            directory=directory,
         )
 
     def predict(self, image: bytes) -> Prediction:
@@ -97,6 +125,18 @@ class ServingModel:
             "synthetic": self.synthetic,
             "threshold": self.threshold,
         }
+
+
+def _recorded_checksums(version) -> dict[str, str] | None:
+    import json
+
+    from hm_mlflow.packaging import CHECKSUMS_TAG
+
+    raw = (version.tags or {}).get(CHECKSUMS_TAG)
+    try:
+        return json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _with_timeout(function, seconds: float, what: str):
@@ -144,6 +184,7 @@ class ModelHolder:
         self.registry_reachable: bool | None = None
         self.last_check: float | None = None
         self.last_error: str | None = None  # for the log and the operator, never for clients
+        self.refused: dict | None = None  # the version whose files failed their checksums
         self.loads = 0
 
     @property
@@ -190,18 +231,32 @@ class ModelHolder:
         if self._current is not None and self._current.version == wanted:
             self.last_error = None
             return False
+        if self.refused and self.refused["version"] == wanted:
+            return False  # refused once: not downloaded again until the alias moves
+        recorded = _recorded_checksums(version)
         try:
             loaded = _with_timeout(
-                lambda: ServingModel.load(name, wanted), self.load_timeout, "model load"
+                lambda: ServingModel.load(name, wanted, recorded),
+                self.load_timeout,
+                "model load",
             )
+        except ModelRefused as exc:
+            self.refused = {"version": wanted, "reason": str(exc)}
+            log.error("refusing %s: %s", name, exc)
+            if self._current is None:
+                self.state = NO_MODEL
+            return False
         except Exception as exc:
             self.last_error = f"loading version {wanted}: {type(exc).__name__}: {exc}"
             log.error("%s", self.last_error)
             if self._current is None:
                 self.state = NO_MODEL
             return False
-        self._current = loaded  # one assignment: requests in flight keep the model they read
+        previous, self._current = self._current, loaded  # requests in flight keep theirs
         self.state = SERVING
+        self.refused = None
+        if previous is not None and previous.directory:
+            shutil.rmtree(previous.directory, ignore_errors=True)  # loaded: files not needed
         self.last_error = None
         self.loads += 1
         log.info("serving %s version %s (alias %s)", name, wanted, self.registry.alias)
@@ -214,10 +269,11 @@ class ModelHolder:
             self.last_error is not None and current is not None
         )
         return {
-            "status": "degraded" if degraded else "ok",
+            "status": "degraded" if degraded or self.refused else "ok",
             "state": self.state,
             "model_loaded": current is not None,
             "model": current.describe() if current else None,
             "registry_reachable": self.registry_reachable,
+            "refused": self.refused,
             "last_check": self.last_check,
         }
