@@ -1,9 +1,14 @@
-"""create-buckets: the buckets of the compose stack, and the training data in the data bucket.
+"""create-buckets: the buckets of the compose stack, a user that can only read the data bucket,
+and the training data in the data bucket.
 
 Environment (docker-compose.yaml sets it from .env):
 
     MINIO_ENDPOINT                          host:port of the S3 API, e.g. minio:9000
-    MINIO_ROOT_USER, MINIO_ROOT_PASSWORD    credentials
+    MINIO_ROOT_USER, MINIO_ROOT_PASSWORD    credentials (only this job and MLflow hold them)
+    MINIO_READER_USER, MINIO_READER_PASSWORD
+                                            the read-only user of the trainer, bootstrap and
+                                            JupyterLab: created with a policy that reads the data
+                                            bucket and nothing else
     MINIO_SECURE                            "true" for https (default false)
     MLFLOW_BUCKET                           bucket for MLflow's artifacts
     DATA_BUCKET                             bucket for the training data
@@ -11,19 +16,27 @@ Environment (docker-compose.yaml sets it from .env):
     SOURCE_DIR, DATA_PREFIX                 /source and chest_xray
     WAIT_SECONDS                            how long to wait for MinIO to answer (default 60)
 
-Idempotent: existing buckets are kept and files already uploaded with the same size are skipped.
-Only the split folders of the Kaggle layout (train/ val/ test/) and the synthetic marker are
-uploaded. Any failure ends the job with a non-zero exit and the reason.
+Idempotent: existing buckets are kept, the user and its policy are set again, files already
+uploaded with the same size are skipped. Only the split folders of the Kaggle layout (train/ val/
+test/) and the synthetic marker are uploaded. The reader's keys are then tried: reading the data
+bucket must work, writing anywhere must be refused; otherwise the job fails. On an S3 store that
+is not MinIO (no MinIO admin API) the user must exist already, and is checked the same way. Any
+failure ends the job with a non-zero exit and the reason.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-from minio import Minio
+from minio import Minio, MinioAdmin
+from minio.credentials import StaticProvider
+from minio.error import MinioAdminException, S3Error
 
 SPLITS = ("train", "val", "test")
 MARKER = "SYNTHETIC.json"
@@ -56,6 +69,68 @@ def ensure_bucket(client: Minio, name: str) -> None:
     else:
         client.make_bucket(name)
         print(f"bucket {name}: created")
+
+
+def reader_policy(bucket: str) -> dict:
+    """Read the data bucket: list it and get its objects; nothing else."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetBucketLocation", "s3:ListBucket"],
+                "Resource": [f"arn:aws:s3:::{bucket}"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:aws:s3:::{bucket}/*"],
+            },
+        ],
+    }
+
+
+def is_minio(endpoint: str, secure: bool) -> bool:
+    """MinIO answers its unauthenticated liveness probe; other S3 stores do not."""
+    url = f"{'https' if secure else 'http'}://{endpoint}/minio/health/live"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def ensure_reader(admin: MinioAdmin, user: str, password: str, bucket: str) -> None:
+    """Create (or update) the read-only user and its policy through MinIO's admin API."""
+    policy = f"read-{bucket}"
+    admin.user_add(user, password)
+    admin.policy_add(policy, policy=reader_policy(bucket))
+    try:
+        admin.attach_policy([policy], user=user)
+    except MinioAdminException as exc:  # attached already: MinIO refuses to attach twice
+        if "already" not in str(exc).lower():
+            raise
+    print(f"user {user}: read-only on bucket {bucket}")
+
+
+def check_reader(reader: Minio, data_bucket: str, other_bucket: str) -> None:
+    """The reader's keys read the data bucket and can write nowhere; SystemExit otherwise."""
+    try:
+        next(iter(reader.list_objects(data_bucket)), None)  # the generator sends the request
+    except S3Error as exc:
+        raise SystemExit(f"create-buckets: the reader cannot read {data_bucket}: {exc}") from exc
+    for bucket in (data_bucket, other_bucket):
+        try:
+            reader.put_object(bucket, ".write-probe", io.BytesIO(b"x"), 1)
+        except S3Error as exc:
+            if exc.code not in {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId"}:
+                raise
+            continue
+        raise SystemExit(
+            f"create-buckets: the reader's keys can write to {bucket} (s3://{bucket}/.write-probe):"
+            " they must be read-only"
+        )
+    print(f"reader: reads {data_bucket}, writes nowhere")
 
 
 def files_to_upload(root: Path) -> list[Path]:
@@ -97,9 +172,23 @@ def main() -> None:
         secure=setting("MINIO_SECURE", "false").lower() == "true",
     )
     wait_for(client, endpoint, float(setting("WAIT_SECONDS", "60")))
-    data_bucket = setting("DATA_BUCKET")
-    for bucket in (setting("MLFLOW_BUCKET"), data_bucket):
+    data_bucket, mlflow_bucket = setting("DATA_BUCKET"), setting("MLFLOW_BUCKET")
+    for bucket in (mlflow_bucket, data_bucket):
         ensure_bucket(client, bucket)
+
+    secure = setting("MINIO_SECURE", "false").lower() == "true"
+    reader_user, reader_password = setting("MINIO_READER_USER"), setting("MINIO_READER_PASSWORD")
+    if is_minio(endpoint, secure):
+        admin = MinioAdmin(
+            endpoint=endpoint,
+            credentials=StaticProvider(setting("MINIO_ROOT_USER"), setting("MINIO_ROOT_PASSWORD")),
+            secure=secure,
+        )
+        ensure_reader(admin, reader_user, reader_password, data_bucket)
+    else:
+        print(f"{endpoint} is not MinIO (no admin API): the user {reader_user} must exist")
+    reader = Minio(endpoint, access_key=reader_user, secret_key=reader_password, secure=secure)
+    check_reader(reader, data_bucket, mlflow_bucket)
 
     if setting("UPLOAD_SOURCE", "false").lower() != "true":
         print("UPLOAD_SOURCE is not true: no data uploaded")

@@ -36,6 +36,10 @@ case "${1:-}" in
         : "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI or MLFLOW_DB_HOST}"
         exec mlflow db upgrade "$MLFLOW_BACKEND_STORE_URI" ;;
     access)
+        if [ "${MLFLOW_AUTH:-true}" != "true" ]; then
+            echo "MLflow authentication is off: no users to create."
+            exit 0
+        fi
         shift
         exec hm-mlflow access "$@" ;;
 esac

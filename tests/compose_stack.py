@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import shlex
@@ -409,8 +410,31 @@ class Stack:
         return process
 
     def _start_minio(self, name: str) -> subprocess.Popen:
-        """SeaweedFS with MinIO's root credentials as its keys, S3 API on MinIO's --address."""
+        """SeaweedFS with MinIO's root credentials as its admin keys, S3 API on MinIO's
+        --address. MinIO's admin API, through which create-buckets makes the read-only user,
+        has no stand-in: SeaweedFS is given that user from the start (read and list on the data
+        bucket, nothing else), and create-buckets checks it as it checks the one it makes."""
         env = self.environment(name)
+        buckets = self.environment("create-buckets")
+        identities = [
+            {
+                "name": "root",
+                "credentials": [
+                    {"accessKey": env["MINIO_ROOT_USER"], "secretKey": env["MINIO_ROOT_PASSWORD"]}
+                ],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            },
+            {
+                "name": "reader",
+                "credentials": [
+                    {
+                        "accessKey": buckets["MINIO_READER_USER"],
+                        "secretKey": buckets["MINIO_READER_PASSWORD"],
+                    }
+                ],
+                "actions": [f"Read:{buckets['DATA_BUCKET']}", f"List:{buckets['DATA_BUCKET']}"],
+            },
+        ]
         command = self.services[name]["command"]
         port = (
             command[command.index("--address") + 1].rsplit(":", 1)[-1]
@@ -424,7 +448,9 @@ class Stack:
         )
         # In the namespace SeaweedFS's other servers have the ports to themselves.
         ports = {"master": 19333, "volume": 19340, "filer": 18888, "webdav": 17333, "admin": 23646}
-        argv = seaweed_argv(data, int(port), ports, bind="0.0.0.0")
+        config = data.parent / "s3-identities.json"
+        config.write_text(json.dumps({"identities": identities}))
+        argv = [*seaweed_argv(data, int(port), ports, bind="0.0.0.0"), f"-s3.config={config}"]
         return self._popen(name, argv, env, data)
 
     def healthy(self, name: str) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 
 from hm_mlflow.dataset import list_split
 from hm_mlflow.synthetic import write_sample_set
@@ -109,7 +110,45 @@ def test_compose_stack_runs_as_declared(workdir, sample_root):
         assert data["KeyCount"] == len(list_split(source / "chest_xray", "train"))
         artifacts = s3.list_objects_v2(Bucket=env["MLFLOW_BUCKET"])["Contents"]
         assert any(obj["Key"].endswith("/MLmodel") for obj in artifacts)
-        assert "AWS_SECRET_ACCESS_KEY" not in stack.environment("webapp")
+
+        # Keys per service: the root keys (which reach the artifact bucket) are MinIO's, the
+        # bucket job's and MLflow's only; the training services read the data bucket as the
+        # reader; the webapp and the access job hold no storage key at all.
+        root, reader = env["MINIO_ROOT_PASSWORD"], env["MINIO_READER_PASSWORD"]
+        holders = {
+            name: {v for v in stack.environment(name).values() if v in (root, reader)}
+            for name in config["services"]
+        }
+        assert {n for n, keys in holders.items() if root in keys} == {
+            "minio",
+            "create-buckets",
+            "mlflow",
+        }
+        assert {n for n, keys in holders.items() if reader in keys} == {
+            "create-buckets",
+            "bootstrap",
+            "trainer",
+            "jupyter",
+        }
+        for name in ("bootstrap", "trainer", "jupyter"):
+            assert stack.environment(name)["AWS_ACCESS_KEY_ID"] == env["MINIO_READER_USER"]
+        assert holders["webapp"] == holders["mlflow-access"] == holders["postgres"] == set()
+        # ...and the reader's keys read the data bucket but cannot write, there or elsewhere.
+        as_reader = boto3.client(
+            "s3",
+            endpoint_url=f"http://{stack.address}:9000",
+            aws_access_key_id=env["MINIO_READER_USER"],
+            aws_secret_access_key=reader,
+            region_name="us-east-1",
+        )
+        assert as_reader.list_objects_v2(Bucket=env["DATA_BUCKET"])["KeyCount"] > 0
+        for bucket in (env["DATA_BUCKET"], env["MLFLOW_BUCKET"]):
+            with pytest.raises(ClientError) as refused:
+                as_reader.put_object(Bucket=bucket, Key="chest_xray/train/x.png", Body=b"x")
+            assert refused.value.response["Error"]["Code"] == "AccessDenied"
+        with pytest.raises(ClientError):
+            as_reader.list_objects_v2(Bucket=env["MLFLOW_BUCKET"])
+        assert "reader: reads datasource, writes nowhere" in stack.tail("create-buckets")
 
         # Someone uploads an X-ray to the webapp.
         film = list_split(sample_root, "test")[0]
@@ -175,13 +214,14 @@ def test_compose_stack_runs_as_declared(workdir, sample_root):
 
 def test_compose_stack_with_mlflow_authentication(workdir):
     admin_password = "parity-admin-password"
+    passwords = {"webapp": "parity-webapp-password", "trainer": "parity-trainer-password"}
     config = compose_config(
         env_file(
             workdir,
             MLFLOW_AUTH="true",
             MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
-            MLFLOW_TRACKING_USERNAME="admin",
-            MLFLOW_TRACKING_PASSWORD=admin_password,
+            MLFLOW_WEBAPP_PASSWORD=passwords["webapp"],
+            MLFLOW_TRAINER_PASSWORD=passwords["trainer"],
             HM_SAMPLE_SIZE="60",
         )
     )
@@ -198,5 +238,23 @@ def test_compose_stack_with_mlflow_authentication(workdir):
         assert mlflow_api(stack, path).status_code == 401
         assert mlflow_api(stack, path, auth=("admin", "wrong-password")).status_code == 401
         assert mlflow_api(stack, path, auth=("admin", admin_password)).status_code == 200
+
+        # Each client as its own user; the admin's password is MLflow's and the access job's.
+        assert "webapp: READ on experiment chest-xray" in stack.tail("mlflow-access")
+        assert {
+            n for n in config["services"] if admin_password in stack.environment(n).values()
+        } == {"mlflow", "mlflow-access"}
+        assert stack.environment("webapp")["MLFLOW_TRACKING_USERNAME"] == "webapp"
+        assert stack.environment("bootstrap")["MLFLOW_TRACKING_USERNAME"] == "trainer"
+        webapp = ("webapp", passwords["webapp"])
+        alias = {"name": MODEL, "alias": "production"}
+        assert mlflow_api(stack, "registered-models/alias", auth=webapp, **alias).status_code == 200
+        moved = httpx.post(
+            f"http://{stack.address}:5000/api/2.0/mlflow/registered-models/alias",
+            json={**alias, "version": "1"},
+            auth=webapp,
+            timeout=30,
+        )
+        assert moved.status_code == 403  # the webapp reads the model and nothing more
     finally:
         stack.close()
