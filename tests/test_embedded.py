@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -15,56 +12,9 @@ from mlflow import MlflowClient
 
 from hm_mlflow.dataset import list_split
 
-from support import BIN, free_port, run_hm_mlflow, start, stop
+from support import BIN, ctrl_c, processes_mentioning, run_hm_mlflow, start, stop, wait_for_line
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        content = log.read_text(errors="replace") if log.exists() else ""
-        if text in content:
-            return content
-        if process.poll() is not None:
-            raise AssertionError(
-                f"exited with {process.returncode} before {text!r}:\n{content[-3000:]}"
-            )
-        time.sleep(0.5)
-    raise AssertionError(f"{text!r} not printed after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def processes_mentioning(needle: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if needle in cmdline:
-                found.append(cmdline)
-    return found
-
-
-@pytest.fixture
-def platform_env(tmp_path):
-    ports = {"HM_MLFLOW_PORT": str(free_port()), "HM_WEBAPP_PORT": str(free_port())}
-    return {
-        **ports,
-        "HM_STATE_DIR": str(tmp_path / "state"),
-        "HM_DATA_DIR": str(tmp_path / "no-data-here"),
-        "HM_SAMPLE_SIZE": "60",
-        "HM_CV_FOLDS": "3",
-        "HM_AUGMENT_COPIES": "1",
-        "HM_REFRESH_SECONDS": "2",
-    }
-
-
-def ctrl_c(process: subprocess.Popen) -> int:
-    """What a terminal does on Ctrl-C: SIGINT to the foreground process group."""
-    os.killpg(process.pid, signal.SIGINT)
-    return process.wait(60)
 
 
 def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):

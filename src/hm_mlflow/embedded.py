@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ class Service:
         raise PlatformError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_path}")
 
     def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to the whole process group, SIGKILL after `timeout` seconds."""
         if not self.running():
             return
         pgid = self.process.pid
@@ -98,6 +100,23 @@ class Service:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+TRAINER_GRACE_SECONDS = 30.0
+"""How long an interrupted training gets to mark its run KILLED before it is killed."""
+
+
+def _stop_group(process: subprocess.Popen, grace: float, hurried=lambda: False) -> None:
+    """SIGTERM to a child's process group; SIGKILL when `grace` runs out (or at once when
+    `hurried()` turns true)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while process.poll() is None and time.monotonic() < deadline and not hurried():
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def port_free(host: str, port: int) -> bool:
@@ -128,18 +147,35 @@ def mlflow_server_command(settings: Settings) -> list[str]:
     ]
 
 
-def _stop_on_signals() -> None:
-    """Ctrl-C and SIGTERM both stop the platform the same orderly way.
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt: the process stops the same orderly way
+    (the platform stops its children; a training run is marked KILLED in MLflow).
 
     Installed explicitly: a process started in the background by a shell inherits SIGINT as
-    ignored, and SIGTERM's default would end the supervisor without stopping its children.
+    ignored, and SIGTERM's default would end the process without any clean-up.
     """
 
     def interrupt(signum, frame):
+        INTERRUPTED.set()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
+
+
+INTERRUPTED = threading.Event()
+"""Set once a stop signal arrived (errors that follow it are the interruption's, not bugs)."""
+
+
+def _hold_signals(note) -> None:
+    """While stopping: Ctrl-C and SIGTERM no longer interrupt the stop (which would leave a
+    server behind); they only hurry it (`note` is called)."""
+
+    def hurry(signum, frame):
+        note()
+
+    signal.signal(signal.SIGINT, hurry)
+    signal.signal(signal.SIGTERM, hurry)
 
 
 class Platform:
@@ -147,6 +183,8 @@ class Platform:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.trainer: subprocess.Popen | None = None
+        self.hurry = False
         self.mlflow_url = f"http://{settings.mlflow_host}:{settings.mlflow_port}"
         self.webapp_url = f"http://{settings.webapp_host}:{settings.webapp_port}"
         self.env = {"MLFLOW_TRACKING_URI": self.mlflow_url}
@@ -187,8 +225,10 @@ class Platform:
     def bootstrap(self) -> None:
         """Train and promote a first model when no version holds the Production alias: on the
         data folder if it has a train split, else on a generated sample set. The same command a
-        person, a container or the ECS task runs, in a child process."""
-        done = subprocess.run(
+        person, a container or the ECS task runs, in a child process of its own group: Ctrl-C
+        reaches the supervisor only, which stops the training with SIGTERM and a grace period
+        (the run is then marked KILLED in MLflow)."""
+        self.trainer = subprocess.Popen(
             [
                 str(BIN / "hm-mlflow"),
                 "train",
@@ -198,12 +238,14 @@ class Platform:
                 "--sample-if-empty",
             ],
             env={**os.environ, **self.env},
+            start_new_session=True,
         )
-        if done.returncode != 0:
-            raise PlatformError(f"the first training run failed (exit {done.returncode})")
+        code = self.trainer.wait()
+        if code != 0:
+            raise PlatformError(f"the first training run failed (exit {code})")
 
     def up(self) -> None:
-        _stop_on_signals()
+        stop_on_signals()
         self.check_ports()
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -244,5 +286,20 @@ class Platform:
             time.sleep(1)
 
     def stop(self) -> None:
-        self.webapp.stop()
-        self.mlflow.stop()
+        """Stop the training (if running), the webapp, then MLflow. A second Ctrl-C hurries
+        the stop (SIGKILL sooner) but never abandons it: nothing is left running."""
+
+        def hurry() -> None:
+            if not self.hurry:
+                print("Still stopping; a moment ...", flush=True)
+            self.hurry = True
+
+        _hold_signals(hurry)
+        if self.trainer is not None and self.trainer.poll() is None:
+            _stop_group(
+                self.trainer,
+                grace=2.0 if self.hurry else TRAINER_GRACE_SECONDS,
+                hurried=lambda: self.hurry,
+            )
+        for service in (self.webapp, self.mlflow):
+            service.stop(timeout=5.0 if self.hurry else 20.0)
