@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from hm_mlflow import __version__
 from hm_mlflow.config import Settings, get_settings
-from hm_mlflow.serve.limits import Admission, BodyLimit
+from hm_mlflow.serve.limits import Admission, BodyLimit, return_freed_buffers_to_the_system
 from hm_mlflow.serve.model_holder import (
     WITHDRAWN,
     ModelFailure,
@@ -116,6 +116,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.registry_timeout)))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     cv2.setNumThreads(1)  # one image per thread; workers share the cores, not each image
+    return_freed_buffers_to_the_system()  # resident memory follows the images in flight
     holder = holder or ModelHolder(
         settings.model_name,
         settings.model_alias,
