@@ -149,6 +149,36 @@ def test_gate_rejects_a_model_that_is_not_better_and_force_overrides(mlflow_serv
     )
 
 
+def test_a_stop_whose_exception_was_lost_still_stops_the_run(
+    mlflow_server, sample_root, monkeypatch
+):
+    """A stop signal whose KeyboardInterrupt Python swallowed (it fired inside a finaliser)
+    still ends the run as KILLED before the gate: nothing is promoted."""
+    import threading
+
+    from hm_mlflow import interrupt, modeling
+    from hm_mlflow.train import cross_validate, prepare, register
+
+    settings = make_settings(mlflow_server)
+    prepared = prepare(sample_root, settings, progress=False)
+    validated = cross_validate(prepared, settings)
+    monkeypatch.setattr(interrupt, "INTERRUPTED", threading.Event())
+    fit = modeling.fit_calibrated
+
+    def fit_then_signal_lost(*args, **kwargs):
+        interrupt.INTERRUPTED.set()  # the handler ran; its exception never reached us
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "fit_calibrated", fit_then_signal_lost)
+    with pytest.raises(KeyboardInterrupt):
+        register(prepared, validated, settings, progress=False)
+    client = MlflowClient(settings.tracking_uri)
+    (version,) = client.search_model_versions(f"name = '{settings.model_name}'")
+    assert client.get_run(version.run_id).info.status == "KILLED"
+    assert "promotion.decision" not in version.tags
+    assert not client.get_registered_model(settings.model_name).aliases
+
+
 def test_evaluate_cli_prints_one_json_object(trained, sample_root, tmp_path):
     settings, _ = trained
     uri = f"models:/{settings.model_name}@production"

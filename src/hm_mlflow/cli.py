@@ -118,7 +118,7 @@ def train(
     """Train on DATA/train, log to MLflow, register, and promote if better."""
     _require_extra("train", "matplotlib", "mlflow.data")
     parsed = _parse_params(params)
-    from hm_mlflow.embedded import INTERRUPTED, stop_on_signals
+    from hm_mlflow.interrupt import INTERRUPTED, stop_on_signals
     from hm_mlflow.train import train as run_training
     from hm_mlflow.train import training_data
 

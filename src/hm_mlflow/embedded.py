@@ -18,12 +18,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hm_mlflow.config import Settings
+from hm_mlflow.interrupt import stop_on_signals
 from hm_mlflow.tracking import fetch
 
 BIN = Path(sys.executable).parent  # the environment's console scripts: mlflow, hm-mlflow
@@ -145,26 +145,6 @@ def mlflow_server_command(settings: Settings) -> list[str]:
         "--artifacts-destination",
         str(state / "artifacts"),
     ]
-
-
-def stop_on_signals() -> None:
-    """Ctrl-C and SIGTERM both raise KeyboardInterrupt: the process stops the same orderly way
-    (the platform stops its children; a training run is marked KILLED in MLflow).
-
-    Installed explicitly: a process started in the background by a shell inherits SIGINT as
-    ignored, and SIGTERM's default would end the process without any clean-up.
-    """
-
-    def interrupt(signum, frame):
-        INTERRUPTED.set()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
-
-
-INTERRUPTED = threading.Event()
-"""Set once a stop signal arrived (errors that follow it are the interruption's, not bugs)."""
 
 
 def _hold_signals(note) -> None:

@@ -21,7 +21,7 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from hm_mlflow import augment as augmentation
-from hm_mlflow import features, modeling, plots
+from hm_mlflow import features, interrupt, modeling, plots
 from hm_mlflow.augment import augment
 from hm_mlflow.config import Settings
 from hm_mlflow.dataset import (
@@ -236,7 +236,9 @@ def train(
     and run the promotion gate: `prepare`, `cross_validate`, `register` in turn."""
     require_server(settings.tracking_uri)
     prepared = prepare(data_root, settings, params, progress)
+    interrupt.check()
     validated = cross_validate(prepared, settings)
+    interrupt.check()
     return register(prepared, validated, settings, force=force, promote=promote, progress=progress)
 
 
@@ -254,6 +256,7 @@ def register(
     require_server(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     experiment = mlflow.set_experiment(settings.experiment)
+    interrupt.check()
     with mlflow.start_run() as run:
         try:
             return _record_run(
@@ -266,7 +269,7 @@ def register(
                 promote,
                 progress,
             )
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (stop_on_signals): said in MLflow
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (hm_mlflow.interrupt): said in MLflow
             mlflow.end_run(status="KILLED")
             raise
 
@@ -335,6 +338,7 @@ def _record_run(
         mlflow.log_figure(figure, f"plots/{name}.png")
         plots.close(figure)
 
+    interrupt.check()
     log.info("fitting the final model on %d images", len(samples))
     estimator = modeling.fit_calibrated(
         prepared.data, params=params, n_folds=settings.cv_folds, seed=settings.seed
@@ -365,6 +369,7 @@ def _record_run(
                 }
             )
     mlflow.log_metrics(metrics)
+    interrupt.check()  # a stopped run registers nothing more and promotes nothing
 
     provenance = {"hm.synthetic": str(synthetic).lower(), "hm.data_root": data_root}
     for key, value in provenance.items():  # on the version too: who replaces whom

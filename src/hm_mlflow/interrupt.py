@@ -1,0 +1,38 @@
+"""Ctrl-C and SIGTERM, handled the same orderly way by the platform and by a training run.
+
+The handler raises KeyboardInterrupt, but Python can lose that exception: a signal that arrives
+while a finaliser (`__del__`, a weakref callback) or a library's catch-all runs is printed as
+"Exception ignored" and the code carries on. So the handler also sets `INTERRUPTED`, and long
+work calls `check` between its stages: a run that was told to stop never goes on to register
+or promote a model.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+INTERRUPTED = threading.Event()
+"""Set once a stop signal arrived (errors that follow it are the interruption's, not bugs)."""
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt (and set `INTERRUPTED`).
+
+    Installed explicitly: a process started in the background by a shell inherits SIGINT as
+    ignored, and SIGTERM's default would end the process without any clean-up.
+    """
+
+    def interrupt(signum, frame):
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def check() -> None:
+    """Raise KeyboardInterrupt if a stop signal arrived, whatever became of the one its
+    handler raised."""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
