@@ -1,11 +1,12 @@
 """Model quality on real chest X-rays: `hm-mlflow train` with its defaults on ../shared/data/cxr.
 
-Prints grouped cross-validation (mean and spread over folds), the same held-out images reframed
-and re-exposed (augmented copies), the `val` split, the training time end to end, and beside it
-the template this project replaces (64 x 64 raw pixels + random forest) scored on the same
-folds and the same `val` images in the same run.
+Prints grouped cross-validation (mean and spread over folds), the transfer estimate (the same
+held-out films under the panel of acquisition shifts, pooled and shift by shift), the `val`
+split and the training time end to end. Beside them, in the same run: the previous model (the
+package as it was at `--previous`, by bench/previous_model.py, on the same folds, panel and
+`val` films) and the template this project replaces (64 x 64 raw pixels + random forest).
 
-    .venv/bin/python bench/quality.py [--data ../shared/data/cxr]
+    .venv/bin/python bench/quality.py [--data ../shared/data/cxr] [--previous 5b8238b]
 
 Runs against a throwaway SQLite MLflow store in a temporary folder.
 """
@@ -13,8 +14,11 @@ Runs against a throwaway SQLite MLflow store in a temporary folder.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +34,37 @@ from hm_mlflow.dataset import list_split
 from hm_mlflow.metrics import METRIC_NAMES, binary_metrics
 from hm_mlflow.train import train
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cxr"
+PREVIOUS = "5b8238b"
+"""The last commit before the transfer work (feature version 3, Youden's J on CV)."""
+
+
+def previous_model(ref: str, data: Path, tmp: str) -> dict:
+    """The figures of the package as it was at `ref`, from a child process running its code."""
+    old = Path(tmp) / "previous"
+    old.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "src"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    answer = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "previous_model.py"),
+            "--src",
+            str(old / "src"),
+            "--panel",
+            str(ROOT / "src" / "hm_mlflow" / "shifts.py"),
+            "--data",
+            str(data),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(old / "src")},
+    )
+    return json.loads(answer.stdout.strip().splitlines()[-1])
 
 
 def template_features(path: str) -> np.ndarray:
@@ -75,45 +109,65 @@ def row(name: str, values: dict, spread: dict | None = None) -> str:
         if spread is not None:
             cell += f" ± {spread[key]:.3f}"
         cells.append(f"{cell:>14}")
-    return f"{name:<34}" + "".join(cells)
+    return f"{name:<38}" + "".join(cells)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--previous", default=PREVIOUS, help="git ref of the previous model")
     args = parser.parse_args()
     if not list_split(args.data, "train"):
         raise SystemExit(f"no training images under {args.data}")
+    data = args.data.resolve()
 
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)  # the SQLite store keeps its artifacts beside the working directory
         settings = Settings(MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
         started = time.perf_counter()
-        result = train(args.data, settings, force=True)
+        result = train(data, settings, force=True)
         elapsed = time.perf_counter() - started
-        baseline = template(args.data, settings)
+        client = mlflow.MlflowClient(settings.tracking_uri)
+        shifts = json.loads(
+            Path(client.download_artifacts(result.run_id, "transfer/shifts.json", tmp)).read_text()
+        )["shifts"]
         size_mb, load_s = model_footprint(f"models:/{settings.model_name}/{result.version}", tmp)
+        previous = previous_model(args.previous, data, tmp)
+        baseline = template(data, settings)
 
     m = result.metrics
     mean = {k: m[f"cv_{k}_mean"] for k in METRIC_NAMES}
     std = {k: m[f"cv_{k}_std"] for k in METRIC_NAMES}
     print(
-        f"\nhm-mlflow train, defaults, on {args.data}: {elapsed:.0f} s end to end "
-        f"(features, {settings.cv_folds}-fold grouped CV, final fit, logging, val scoring)"
+        f"\nhm-mlflow train, defaults, on {data}: {elapsed:.0f} s end to end "
+        f"(features and transfer panel, {settings.cv_folds}-fold grouped CV, final fit, "
+        "logging, val scoring)"
     )
-    print(f"decision threshold {m['threshold']:.3f}")
+    print(
+        f"operating point {m['threshold']:.3f}: the highest threshold with sensitivity >= "
+        f"{settings.sensitivity_floor} on the held-out films and the transfer panel, pooled"
+    )
     print(f"logged model {size_mb:.2f} MB on disk, loaded in {load_s:.2f} s (median of 5)\n")
-    print(f"{'':<34}" + "".join(f"{k:>14}" for k in METRIC_NAMES))
+    print(f"{'':<38}" + "".join(f"{k:>14}" for k in METRIC_NAMES))
     print(row("grouped CV, mean ± sd over folds", mean, std))
     print(row("grouped CV, pooled out-of-fold", {k: m[f"cv_oof_{k}"] for k in METRIC_NAMES}))
-    if "cv_augmented_roc_auc" in m:
-        print(
-            row(
-                "held-out images, reframed copies",
-                {k: m[f"cv_augmented_{k}"] for k in METRIC_NAMES},
-            )
-        )
+    print(row("transfer estimate, pooled", {k: m[f"transfer_{k}"] for k in METRIC_NAMES}))
     print(row("val (8 NORMAL + 8 PNEUMONIA)", {k: m.get(f"val_{k}") for k in METRIC_NAMES}))
+    print(
+        f"\nprevious model ({args.previous}, feature version {previous['feature_version']}, "
+        f"its own threshold rule: {previous['threshold']:.3f}), same folds, panel and films"
+    )
+    print(row("grouped CV, pooled out-of-fold", previous["cv"]))
+    print(row("transfer estimate, pooled", previous["transfer"]))
+    print(row("val (8 NORMAL + 8 PNEUMONIA)", previous["val"]))
+    print("\ntransfer panel, shift by shift: sensitivity / specificity (previous -> now)")
+    for name, now in shifts.items():
+        before = previous["shifts"][name]
+        print(
+            f"  {name:<12} sens {before['sensitivity']:.3f} -> {now['sensitivity']:.3f}   "
+            f"spec {before['specificity']:.3f} -> {now['specificity']:.3f}   "
+            f"AUC {before['roc_auc']:.3f} -> {now['roc_auc']:.3f}"
+        )
     print("\nbaseline, same folds and images: 64 x 64 raw pixels + random forest, cut at 0.5")
     print(row("grouped CV, pooled out-of-fold", baseline["cv"]))
     print(row("val (8 NORMAL + 8 PNEUMONIA)", baseline["val"]))

@@ -6,8 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from hm_mlflow.augment import CROP_AREA, augment
+from hm_mlflow.augment import CROP_HEIGHT, CROP_WIDTH, augment
 from hm_mlflow.dataset import list_split
+from hm_mlflow.shifts import PANEL
 from hm_mlflow.synthetic import make_film
 from hm_mlflow.train import extract_features
 
@@ -19,14 +20,16 @@ def film() -> np.ndarray:
     )
 
 
-def test_copies_are_crops_of_the_film_within_the_area_range(film):
-    areas = []
+def test_copies_are_crops_of_the_film_within_the_framing_range(film):
+    heights, widths = [], []
     for seed in range(40):
         copy = augment(film, np.random.default_rng(seed))
         assert copy.dtype == np.uint8 and copy.ndim == 2
-        areas.append(copy.size / film.size)
-    assert min(areas) >= CROP_AREA[0] * 0.8 and max(areas) <= 1.0
-    assert max(areas) - min(areas) > 0.3  # framing really varies
+        heights.append(copy.shape[0] / film.shape[0])
+        widths.append(copy.shape[1] / film.shape[1])
+    assert CROP_HEIGHT[0] - 0.01 <= min(heights) and max(heights) <= 1.0
+    assert CROP_WIDTH[0] - 0.01 <= min(widths) and max(widths) <= 1.0
+    assert max(heights) - min(heights) > 0.25  # framing really varies
 
 
 def test_same_seed_same_copy_other_seed_other_copy(film):
@@ -39,9 +42,13 @@ def test_same_seed_same_copy_other_seed_other_copy(film):
 
 def test_training_features_do_not_depend_on_the_number_of_processes(sample_root):
     samples = list_split(sample_root, "val")
-    X1, A1, d1 = extract_features(samples, n_jobs=1, copies=2, seed=9, progress=False)
-    X2, A2, d2 = extract_features(samples, n_jobs=2, copies=2, seed=9, progress=False)
-    np.testing.assert_array_equal(X1, X2)
-    np.testing.assert_array_equal(A1, A2)
-    assert d1 == d2 and A1.shape == (2, len(samples), X1.shape[1])
-    assert not np.array_equal(A1[0], A1[1])  # two different copies of each image
+    one = extract_features(samples, n_jobs=1, copies=2, seed=9, progress=False, shifts=True)
+    two = extract_features(samples, n_jobs=2, copies=2, seed=9, progress=False, shifts=True)
+    np.testing.assert_array_equal(one.X, two.X)
+    np.testing.assert_array_equal(one.X_aug, two.X_aug)
+    # OpenCV's JPEG and warp code may differ in the last bit of a float from run to run.
+    np.testing.assert_allclose(one.X_shifted, two.X_shifted, rtol=0, atol=1e-6)
+    assert one.digests == two.digests
+    assert one.X_aug.shape == (2, len(samples), one.X.shape[1])
+    assert one.X_shifted.shape == (len(PANEL), len(samples), one.X.shape[1])
+    assert not np.array_equal(one.X_aug[0], one.X_aug[1])  # two different copies of each image

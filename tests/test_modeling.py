@@ -33,23 +33,38 @@ def test_binary_metrics_with_one_class_are_json_safe():
 def test_threshold_separates_separable_scores():
     y = np.array([0, 0, 0, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
-    t = modeling.choose_threshold(y, p)
-    assert 0.3 < t <= 0.6
+    t = modeling.choose_threshold(y, p, 0.95)
     assert t == pytest.approx(0.45)  # midway between the classes
 
 
+def test_threshold_is_the_highest_that_keeps_the_sensitivity_floor():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(200), np.ones(400)].astype(int)
+    p = np.clip(np.r_[rng.normal(0.3, 0.15, 200), rng.normal(0.7, 0.15, 400)], 0, 1)
+    for floor in (0.8, 0.9, 0.95, 0.99):
+        t = modeling.choose_threshold(y, p, floor)
+        caught = (p[y == 1] >= t).mean()
+        assert caught >= floor
+        # one positive score higher and the floor is no longer met
+        next_up = np.min(p[(y == 1) & (p >= t)])
+        assert (p[y == 1] > next_up).mean() < floor
+    assert modeling.choose_threshold(y, p, 0.8) > modeling.choose_threshold(y, p, 0.99)
+
+
 def test_threshold_ignores_class_balance():
-    """Tripling every NORMAL image leaves sensitivity and specificity, hence the cut, alone."""
+    """Tripling every NORMAL image leaves sensitivity, hence the cut, alone."""
     rng = np.random.default_rng(0)
     y = np.r_[np.zeros(100), np.ones(300)].astype(int)
     p = np.clip(np.r_[rng.normal(0.35, 0.15, 100), rng.normal(0.65, 0.15, 300)], 0, 1)
     balanced_y = np.r_[np.tile(y[y == 0], 3), y[y == 1]]
     balanced_p = np.r_[np.tile(p[y == 0], 3), p[y == 1]]
-    assert modeling.choose_threshold(y, p) == modeling.choose_threshold(balanced_y, balanced_p)
+    assert modeling.choose_threshold(y, p, 0.95) == modeling.choose_threshold(
+        balanced_y, balanced_p, 0.95
+    )
 
 
 def test_uninformative_scores_give_the_neutral_threshold():
-    assert modeling.choose_threshold(np.array([0, 1, 0, 1]), np.array([0.5] * 4)) == 0.5
+    assert modeling.choose_threshold(np.array([0, 1, 0, 1]), np.array([0.5] * 4), 0.95) == 0.5
 
 
 def _patients(n_patients=60, films=3, seed=0):
@@ -101,7 +116,7 @@ def test_cross_validation_and_calibration_on_separable_data():
     cv = modeling.cross_validate(data, n_folds=5, seed=0)
     assert sorted(np.unique(cv.fold)) == [0, 1, 2, 3, 4]
     assert cv.augmented.shape == (1, len(data.y))
-    threshold = modeling.choose_threshold(data.y, cv.probability)
+    threshold = modeling.choose_threshold(data.y, cv.probability, 0.95)
     summary = cv.summary(data.y, threshold)
     assert summary["cv_roc_auc_mean"] > 0.95
     assert 0 <= summary["cv_accuracy_std"] < 0.1

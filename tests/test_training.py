@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from hm_mlflow import features
 from hm_mlflow.dataset import list_split
 from hm_mlflow.evaluate import evaluate_model
+from hm_mlflow.shifts import PANEL
 from hm_mlflow.train import train
 
 from support import BIN, make_settings, run_hm_mlflow
@@ -58,6 +59,21 @@ def test_run_records_params_metrics_plots_and_data(trained):
     # Learnable, not trivial: the synthetic task is neither noise nor solved.
     assert 0.7 < metrics["cv_oof_roc_auc"] < 1.0
     assert 0 < metrics["threshold"] < 1
+
+    # The transfer estimate: pooled over the panel, the worst shift no better than the pool,
+    # every shift in transfer/shifts.json; the operating point keeps the sensitivity floor there.
+    assert params["transfer.shifts"] == ",".join(PANEL)
+    assert metrics["transfer_worst_specificity"] <= metrics["transfer_specificity"] <= 1
+    assert 0.5 < metrics["transfer_roc_auc"] <= 1
+    shifts = json.loads(
+        Path(client.download_artifacts(result.run_id, "transfer/shifts.json")).read_text()
+    )
+    assert list(shifts["shifts"]) == list(PANEL)
+    assert shifts["threshold"] == pytest.approx(metrics["threshold"])
+    caught = (metrics["cv_oof_sensitivity"] + len(PANEL) * metrics["transfer_sensitivity"]) / (
+        1 + len(PANEL)
+    )
+    assert caught >= settings.sensitivity_floor - 1e-9
 
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert artifacts == {"plots/cv_roc.png", "plots/cv_confusion.png"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,8 +45,14 @@ class Settings(BaseSettings):
     seed: int = 42
     workers: int = Field(0, ge=0, description="feature extraction processes; 0 = one per core")
     promotion_margin: float = Field(0.0, ge=0.0)
+    sensitivity_floor: float = Field(
+        0.95, gt=0.0, le=1.0, description="share of pneumonias the operating point must catch"
+    )
     promotion_metric: str = "roc_auc"
     sample_size: int = Field(240, ge=40, description="training images in the synthetic sample set")
+    first_model: Literal["bundled", "train"] = Field(
+        "bundled", description="what an empty registry gets first: the bundled model or a training"
+    )
 
     # Webapp
     refresh_seconds: float = Field(30.0, gt=0)

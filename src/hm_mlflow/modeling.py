@@ -98,6 +98,7 @@ class CrossValidation:
     probability: np.ndarray  # (n,) P(PNEUMONIA) of each image, from the fold that held it out
     augmented: np.ndarray  # (copies, n) the same for each augmented copy
     fold: np.ndarray  # (n,) the fold each image was held out in
+    shifted: np.ndarray | None = None  # (shifts, n) the same under each transfer shift
 
     def summary(self, y: np.ndarray, threshold: float) -> dict[str, float]:
         """Mean and standard deviation over folds of each metric at `threshold`, as `cv_*`."""
@@ -114,33 +115,46 @@ class CrossValidation:
 
 
 def cross_validate(
-    data: TrainingSet, params: dict | None = None, n_folds: int = 5, seed: int = 0
+    data: TrainingSet,
+    params: dict | None = None,
+    n_folds: int = 5,
+    seed: int = 0,
+    X_shifted: np.ndarray | None = None,
 ) -> CrossValidation:
-    """Grouped CV of the whole recipe: augmentation and calibration learnt inside each fold."""
+    """Grouped CV of the whole recipe: augmentation and calibration learnt inside each fold.
+    `X_shifted` (shifts, n, features), the training films under the transfer panel, is scored
+    by the same fold models: each film only by the model that never saw it."""
     n = len(data.y)
     probability, fold = np.zeros(n), np.zeros(n, dtype=int)
     augmented = np.zeros((len(data.X_aug), n))
+    shifted = None if X_shifted is None else np.zeros((len(X_shifted), n))
     for k, (train, test) in enumerate(group_splits(data.y, data.groups, n_folds, seed)):
         model = fit_calibrated(data, train, params, n_folds, seed)
         probability[test] = model.predict_proba(data.X[test])[:, 1]
         for copy in range(len(data.X_aug)):
             augmented[copy, test] = model.predict_proba(data.X_aug[copy, test])[:, 1]
+        if shifted is not None:
+            for index in range(len(X_shifted)):
+                shifted[index, test] = model.predict_proba(X_shifted[index, test])[:, 1]
         fold[test] = k
-    return CrossValidation(probability, augmented, fold)
+    return CrossValidation(probability, augmented, fold, shifted)
 
 
-def choose_threshold(y, probability) -> float:
-    """The threshold that maximises sensitivity + specificity (Youden's J) on `probability`.
+def choose_threshold(y, probability, sensitivity_floor: float) -> float:
+    """The highest threshold whose sensitivity on `probability` is at least the floor (the
+    share of PNEUMONIA films the operating point must catch, `HM_SENSITIVITY_FLOOR`).
 
-    Both rates are computed within one class, so they do not move when the class balance does:
-    a threshold chosen for them holds on a test set with more (or fewer) NORMAL images than the
-    training set, where a threshold tuned for accuracy would follow the training prevalence.
-    The cut is placed midway between the best observed score and the next lower one, the
+    A screening reader's first requirement is a stated share of pneumonias caught; among the
+    cuts that meet it, the highest flags the fewest NORMAL films. Training passes the pooled
+    out-of-fold probabilities of the held-out films as they are and under every shift of the
+    transfer panel (`hm_mlflow.shifts`), so the floor holds on films processed unlike the
+    training set. Sensitivity is computed within one class: the cut does not follow the class
+    balance. It is placed midway between the lowest score kept and the next lower one, the
     point with the most room on both sides for the same decisions.
     """
-    fpr, tpr, thresholds = roc_curve(y, probability, drop_intermediate=False)
-    best = int(np.argmax(tpr - fpr))
-    if best == 0:  # no threshold separates anything: the scores carry no information
+    _, tpr, thresholds = roc_curve(y, probability, drop_intermediate=False)
+    if len(thresholds) < 3:  # one score for every image: nothing separates anything
         return 0.5
-    lower = thresholds[best + 1] if best + 1 < len(thresholds) else thresholds[best]
-    return float((thresholds[best] + lower) / 2)
+    meets = int(np.argmax(tpr >= sensitivity_floor - 1e-12))
+    lower = thresholds[meets + 1] if meets + 1 < len(thresholds) else thresholds[meets] / 2
+    return float((thresholds[meets] + lower) / 2)

@@ -244,7 +244,7 @@ def preprocessing_figure(data: bytes) -> tuple[plt.Figure, np.ndarray]:
         (decoded, f"decoded at 1/{factor} scale\n{decoded.shape[1]} x {decoded.shape[0]}"),
         (cropped, f"cropped to content\n{cropped.shape[1]} x {cropped.shape[0]}"),
         (canvas, f"{features.CANVAS} px canvas\n(short side, centre square)"),
-        (normalised, "normalised\n(1st-99th percentile)"),
+        (normalised, "normalised\n(grey-level ranks)"),
     ]
     fig, axes = plt.subplots(1, len(steps), figsize=(13, 3.6))
     for ax, (image, title) in zip(axes, steps, strict=True):
@@ -279,7 +279,8 @@ def descriptor_figure(canvas: np.ndarray) -> plt.Figure:
 
 
 def cv_table(metrics: dict[str, float]) -> pd.DataFrame:
-    """Cross-validation per metric: mean, spread over folds, pooled, and on reframed copies."""
+    """Cross-validation per metric: mean, spread over folds, pooled, on reframed copies, and
+    the transfer estimate (the held-out films under the panel of acquisition shifts)."""
     rows = {}
     for name in METRIC_NAMES:
         rows[name] = {
@@ -287,8 +288,15 @@ def cv_table(metrics: dict[str, float]) -> pd.DataFrame:
             "sd over folds": metrics.get(f"cv_{name}_std"),
             "pooled out-of-fold": metrics.get(f"cv_oof_{name}"),
             "reframed copies": metrics.get(f"cv_augmented_{name}"),
+            "transfer estimate": metrics.get(f"transfer_{name}"),
         }
     return pd.DataFrame(rows).T.round(4)
+
+
+def shift_table(per_shift: dict[str, dict]) -> pd.DataFrame:
+    """The transfer panel shift by shift, at the operating point, worst specificity first."""
+    table = pd.DataFrame(per_shift).T[list(METRIC_NAMES)].astype(float)
+    return table.sort_values("specificity").round(3)
 
 
 def comparison_table(result) -> pd.DataFrame:

@@ -38,6 +38,7 @@ from hm_mlflow.evaluate import evaluate_model
 from hm_mlflow.metrics import METRIC_NAMES, binary_metrics, is_number
 from hm_mlflow.packaging import log_model, record_checksums
 from hm_mlflow.registry import Decision, Registry, decide
+from hm_mlflow.shifts import PANEL
 from hm_mlflow.synthetic import write_sample_set
 from hm_mlflow.tracking import require_server
 
@@ -72,51 +73,72 @@ MAX_UNREADABLE = 0.02
 the data root is broken and training stops."""
 
 
-def _extract_batch(
-    samples: list[Sample], first: int, copies: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Features of a batch; an image that cannot be decoded gets a row of NaN and an empty
-    digest (prepare() skips it and names it)."""
+@dataclass
+class Extracted:
+    """Features of a list of images, in order; an unreadable image has rows of NaN."""
+
+    X: np.ndarray  # (n, d) what serving computes
+    X_aug: np.ndarray  # (copies, n, d) augmented copies, for training
+    X_shifted: np.ndarray  # (shifts, n, d) the transfer panel, for the estimate only
+    digests: list[str]  # SHA-256 of each image's bytes, "" if unreadable
+
+
+def _extract_batch(samples: list[Sample], first: int, copies: int, seed: int, shifts: bool):
+    """Features of a batch (see `Extracted`)."""
     cv2.setNumThreads(1)  # one process per core already
-    width = features.n_features()
-    vectors = np.full((len(samples), width), np.nan, dtype=np.float32)
-    augmented = np.full((len(samples), copies, width), np.nan, dtype=np.float32)
-    digests = [""] * len(samples)
+    width, panel = features.n_features(), list(PANEL.values()) if shifts else []
+    out = Extracted(
+        np.full((len(samples), width), np.nan, dtype=np.float32),
+        np.full((copies, len(samples), width), np.nan, dtype=np.float32),
+        np.full((len(panel), len(samples), width), np.nan, dtype=np.float32),
+        [""] * len(samples),
+    )
     for offset, sample in enumerate(samples):
         data = sample.read_bytes()
         try:
-            vectors[offset] = features.extract(data)  # exactly what serving computes
-            if copies:
-                # Copies are cut from a finer decode, so a 45 % crop keeps the canvas' detail.
+            out.X[offset] = features.extract(data)  # exactly what serving computes
+            if copies or panel:
+                # Cut from a finer decode, so a 65 % crop keeps the canvas' detail.
                 film = features.load(data, min_side=2 * features.CANVAS)
-                rng = np.random.default_rng([seed, first + offset])
-                for k in range(copies):
-                    augmented[offset, k] = features.from_image(augment(film, rng))
+            rng = np.random.default_rng([seed, first + offset])
+            for k in range(copies):
+                out.X_aug[k, offset] = features.from_image(augment(film, rng))
+            for k, shift in enumerate(panel):
+                shifted = features.crop_to_content(shift(film))  # as an upload would be
+                out.X_shifted[k, offset] = features.from_image(shifted)
         except (ValueError, cv2.error):
-            vectors[offset] = np.nan
+            out.X[offset] = np.nan
             continue
-        digests[offset] = hashlib.sha256(data).hexdigest()
-    return vectors, augmented, digests
+        out.digests[offset] = hashlib.sha256(data).hexdigest()
+    return out
 
 
 def extract_features(
-    samples: list[Sample], n_jobs: int, copies: int = 0, seed: int = 0, progress: bool = True
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Features of `samples` (n, d), of `copies` augmented copies of each (copies, n, d) and the
-    content hashes, in order, over `n_jobs` processes. Deterministic for a given `seed`."""
+    samples: list[Sample],
+    n_jobs: int,
+    copies: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    shifts: bool = False,
+) -> Extracted:
+    """Features of `samples`, of `copies` augmented copies of each and (with `shifts`) of each
+    under the transfer panel, with their content hashes, over `n_jobs` processes.
+    Deterministic for a given `seed`."""
     starts = range(0, len(samples), _BATCH)
     results = Parallel(n_jobs=n_jobs, return_as="generator")(
-        delayed(_extract_batch)(samples[i : i + _BATCH], i, copies, seed) for i in starts
+        delayed(_extract_batch)(samples[i : i + _BATCH], i, copies, seed, shifts) for i in starts
     )
-    matrices, augmented, digests = [], [], []
+    batches = []
     with tqdm(total=len(samples), desc="features", unit="img", disable=not progress) as bar:
-        for matrix, copies_matrix, batch_digests in results:
-            matrices.append(matrix)
-            augmented.append(copies_matrix)
-            digests += batch_digests
-            bar.update(len(batch_digests))
-    X_aug = np.concatenate(augmented).transpose(1, 0, 2)  # (copies, n, d)
-    return np.concatenate(matrices), X_aug, digests
+        for batch in results:
+            batches.append(batch)
+            bar.update(len(batch.digests))
+    return Extracted(
+        np.concatenate([b.X for b in batches]),
+        np.concatenate([b.X_aug for b in batches], axis=1),
+        np.concatenate([b.X_shifted for b in batches], axis=1),
+        [d for b in batches for d in b.digests],
+    )
 
 
 def training_data(data: str | None, settings: Settings, sample_if_empty: bool = False) -> str:
@@ -147,6 +169,7 @@ class Prepared:
     data_root: str
     samples: list[Sample]
     data: modeling.TrainingSet
+    X_shifted: np.ndarray  # (shifts, n, d) the films under the transfer panel
     digests: list[str]
     synthetic: bool
     params: dict
@@ -159,12 +182,14 @@ class Prepared:
 
 @dataclass
 class CrossValidated:
-    """Grouped cross-validation of the recipe: out-of-fold probabilities, the decision
-    threshold chosen on them, and the metrics logged as cv_*."""
+    """Grouped cross-validation of the recipe and the transfer panel: out-of-fold
+    probabilities, the operating point chosen on them, the metrics logged as cv_* and
+    transfer_*, and the panel's metrics shift by shift."""
 
     cv: modeling.CrossValidation
     threshold: float
     metrics: dict[str, float]
+    per_shift: dict[str, dict] = field(default_factory=dict)  # the transfer panel, by shift
 
 
 def prepare(
@@ -180,9 +205,10 @@ def prepare(
             f"{data_root}/train holds only one class; both NORMAL and PNEUMONIA are needed"
         )
     groups = np.array([s.patient for s in samples])
-    X, X_aug, digests = extract_features(
-        samples, settings.n_workers, settings.augment_copies, settings.seed, progress
+    extracted = extract_features(
+        samples, settings.n_workers, settings.augment_copies, settings.seed, progress, shifts=True
     )
+    X = extracted.X
     readable = ~np.isnan(X).any(axis=1)
     unreadable = [samples[i].location for i in np.flatnonzero(~readable)]
     if unreadable:
@@ -197,8 +223,9 @@ def prepare(
     return Prepared(
         data_root=data_root,
         samples=[samples[i] for i in keep],
-        data=modeling.TrainingSet(X[keep], y[keep], groups[keep], X_aug[:, keep]),
-        digests=[digests[i] for i in keep],
+        data=modeling.TrainingSet(X[keep], y[keep], groups[keep], extracted.X_aug[:, keep]),
+        X_shifted=extracted.X_shifted[:, keep],
+        digests=[extracted.digests[i] for i in keep],
         synthetic=is_synthetic(data_root),
         params={**modeling.DEFAULT_PARAMS, **(params or {})},
         unreadable=unreadable,
@@ -206,21 +233,39 @@ def prepare(
 
 
 def cross_validate(prepared: Prepared, settings: Settings) -> CrossValidated:
-    """Grouped CV of the whole recipe, the threshold and the cv_* metrics; nothing is logged."""
+    """Grouped CV of the whole recipe, the transfer estimate, the operating point and the cv_*
+    and transfer_* metrics; nothing is logged."""
     log.info("cross-validating (%d folds, grouped by patient)", settings.cv_folds)
     y = prepared.y
-    cv = modeling.cross_validate(prepared.data, prepared.params, settings.cv_folds, settings.seed)
-    threshold = modeling.choose_threshold(y, cv.probability)
+    cv = modeling.cross_validate(
+        prepared.data, prepared.params, settings.cv_folds, settings.seed, prepared.X_shifted
+    )
+    # The operating point: the sensitivity floor on the held-out films as they are and under
+    # every shift of the panel, pooled (README: "The operating point").
+    every = np.concatenate([cv.probability, cv.shifted.ravel()])
+    threshold = modeling.choose_threshold(
+        np.tile(y, 1 + len(cv.shifted)), every, settings.sensitivity_floor
+    )
     pooled = binary_metrics(y, cv.probability, threshold)
     metrics = {
         "threshold": threshold,
+        "sensitivity_floor": settings.sensitivity_floor,
         **cv.summary(y, threshold),
         **{f"cv_oof_{k}": pooled[k] for k in METRIC_NAMES},
     }
     if len(prepared.data.X_aug):  # the same held-out images, reframed and re-exposed
         copies = binary_metrics(np.tile(y, len(cv.augmented)), cv.augmented.ravel(), threshold)
         metrics.update({f"cv_augmented_{k}": copies[k] for k in METRIC_NAMES})
-    return CrossValidated(cv, threshold, metrics)
+    per_shift = {
+        name: binary_metrics(y, p, threshold) for name, p in zip(PANEL, cv.shifted, strict=True)
+    }
+    transfer = binary_metrics(np.tile(y, len(cv.shifted)), cv.shifted.ravel(), threshold)
+    metrics.update({f"transfer_{k}": transfer[k] for k in METRIC_NAMES})
+    for rate in ("sensitivity", "specificity"):
+        values = [m[rate] for m in per_shift.values() if m[rate] is not None]
+        if values:
+            metrics[f"transfer_worst_{rate}"] = min(values)
+    return CrossValidated(cv, threshold, metrics, per_shift)
 
 
 def train(
@@ -303,6 +348,7 @@ def _record_run(
     mlflow.log_table(table, "data/train_manifest.json")
     if prepared.unreadable:
         mlflow.log_dict({"unreadable": prepared.unreadable}, "data/unreadable.json")
+    mlflow.log_dict({"threshold": threshold, "shifts": validated.per_shift}, "transfer/shifts.json")
     mlflow.set_tags({"hm.synthetic": str(synthetic).lower(), "hm.data_root": str(data_root)})
     if synthetic:
         mlflow.set_tag("hm.synthetic_generator", str(synthetic_info(data_root)))
@@ -312,10 +358,14 @@ def _record_run(
             "model.estimator": "soft vote of 2 balanced logistic regressions (all features; "
             "intensity + HOG), sigmoid-calibrated",
             "augment.copies": settings.augment_copies,
-            "augment.crop_area": "-".join(map(str, augmentation.CROP_AREA)),
+            "augment.crop_height": "-".join(map(str, augmentation.CROP_HEIGHT)),
+            "augment.crop_width": "-".join(map(str, augmentation.CROP_WIDTH)),
             "augment.gamma": "-".join(map(str, augmentation.GAMMA)),
+            "augment.processing": "/".join(augmentation.PROCESSING),
             "cv.folds": settings.cv_folds,
             "cv.grouping": "patient",
+            "transfer.shifts": ",".join(PANEL),
+            "threshold.rule": "highest with sensitivity >= floor on CV + transfer panel",
             "seed": settings.seed,
             "features.version": features.FEATURE_VERSION,
             "features.n": X.shape[1],
