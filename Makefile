@@ -11,7 +11,7 @@ COMPOSE := .venv-compose/bin/docker-compose
 # checkov scans infra/; its pins clash with the project's, hence an environment of its own too.
 CHECKOV := .venv-checkov/bin/checkov
 
-.PHONY: help up test lint train sample bench clean lock provider-schemas notebook
+.PHONY: help up test lint train sample bench bundle-model clean lock provider-schemas notebook
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -53,6 +53,11 @@ train: $(STAMP)  ## train on HM_DATA_DIR (default source/chest_xray) against the
 
 sample: $(STAMP)  ## generate the synthetic sample set into .state/sample
 	$(BIN)/hm-mlflow sample
+
+SHARED_DATA ?= ../shared/data/cxr
+
+bundle-model: $(STAMP)  ## retrain the bundled model on ../shared/data/cxr
+	$(BIN)/hm-mlflow bundle-model --data $(SHARED_DATA)
 
 bench: $(STAMP)  ## benchmarks on ../shared/data/cxr: features, model quality, serving (needs wrk)
 	$(BIN)/python bench/throughput.py

@@ -96,6 +96,9 @@ def s3_server(tmp_path_factory) -> str:
 
 @pytest.fixture
 def platform_env(tmp_path):
+    """`hm-mlflow up` on free ports and its own state folder, with no data: the first start
+    registers the bundled model (HM_FIRST_MODEL=train in a test's env trains instead, on a
+    small synthetic sample set)."""
     ports = {"HM_MLFLOW_PORT": str(free_port()), "HM_WEBAPP_PORT": str(free_port())}
     return {
         **ports,

@@ -86,7 +86,8 @@ def versions(stack: Stack) -> list[int]:
 
 
 def test_compose_stack_runs_as_declared(workdir, sample_root):
-    config = compose_config(env_file(workdir))
+    # The first model trained on the bucket (the default, the bundled model, is the next test's)
+    config = compose_config(env_file(workdir, HM_FIRST_MODEL="train"))
     source = source_with_sample(workdir)
     stack = Stack(config, workdir, binds={str(REPO / "source"): source})
     env = stack.environment("create-buckets")
@@ -228,11 +229,12 @@ def test_compose_stack_with_mlflow_authentication(workdir):
     stack = Stack(config, workdir, binds={str(REPO / "source"): workdir / "empty-source"})
     (workdir / "empty-source").mkdir()
     try:
-        # No data in the bucket: bootstrap trains on a generated sample set, signed in.
+        # No data in the bucket: bootstrap registers the bundled model, signed in.
         stack.up(["webapp", "bootstrap"])
         stack.wait("bootstrap", "service_completed_successfully", timeout=600)
         health = wait_for_model(stack, "1")
-        assert health["model"]["synthetic"] is True and health["status"] == "ok"
+        assert health["model"]["synthetic"] is False and health["status"] == "ok"
+        assert "Registered the bundled model" in stack.tail("bootstrap")
 
         path = "registered-models/search"
         assert mlflow_api(stack, path).status_code == 401

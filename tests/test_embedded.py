@@ -10,7 +10,8 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from hm_mlflow.dataset import list_split
+from hm_mlflow.bundle import load_record
+from hm_mlflow.synthetic import make_film
 
 from support import BIN, ctrl_c, processes_mentioning, run_hm_mlflow, start, stop, wait_for_line
 
@@ -28,16 +29,26 @@ def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
     process = start([str(BIN / "hm-mlflow"), "up"], log, env, cwd=tmp_path, ignore_sigint=True)
     try:
         output = wait_for_line(log, "Press Ctrl-C to stop.", process, timeout=400)
-        assert "training on a synthetic sample set" in output
+        assert "Registered the bundled model" in output and "synthetic" not in output
         assert f"MLflow UI  {mlflow_url}" in output and f"webapp     {webapp_url}" in output
 
-        # Both UIs answer; the webapp serves version 1, trained on the synthetic set.
+        # Both UIs answer; the webapp serves version 1, the bundled model, with its record.
         assert "<title>MLflow</title>" in httpx.get(mlflow_url).text
         health = httpx.get(f"{webapp_url}/health").json()
-        assert health["model"]["version"] == "1" and health["model"]["synthetic"] is True
-        film = list_split(state / "sample", "test")[0]
+        assert health["model"]["version"] == "1" and health["model"]["synthetic"] is False
+        client = MlflowClient(mlflow_url)
+        version = client.get_model_version("chest-xray-pneumonia", "1")
+        assert version.tags["hm.bundled"] == "true"
+        assert version.tags["promotion.decision"] == "promoted"
+        run = client.get_run(version.run_id)
+        record = load_record()
+        assert run.data.metrics["cv_oof_roc_auc"] == pytest.approx(
+            record["metrics"]["cv_oof_roc_auc"]
+        )
+        assert run.data.params["features.version"] == record["feature_version"]
         answer = httpx.post(
-            f"{webapp_url}/api/predict", files={"file": (film.name, film.read_bytes())}
+            f"{webapp_url}/api/predict",
+            files={"file": ("film.jpeg", make_film(seed=5, pneumonia=True))},
         )
         assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
 
@@ -53,7 +64,7 @@ def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
     try:
         output = wait_for_line(log2, "Press Ctrl-C to stop.", process, timeout=180)
         assert "chest-xray-pneumonia version 1 holds the alias 'production'" in output
-        assert "synthetic sample set" not in output
+        assert "Registered the bundled model" not in output
         client = MlflowClient(mlflow_url)
         experiment = client.get_experiment_by_name("chest-xray")
         assert len(client.search_runs([experiment.experiment_id])) == 1
@@ -66,7 +77,8 @@ def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
 
 def test_sigterm_during_the_first_training_leaves_nothing_behind(platform_env, tmp_path):
     log = tmp_path / "up.log"
-    process = start([str(BIN / "hm-mlflow"), "up"], log, platform_env, cwd=tmp_path)
+    env = {**platform_env, "HM_FIRST_MODEL": "train"}
+    process = start([str(BIN / "hm-mlflow"), "up"], log, env, cwd=tmp_path)
     try:
         wait_for_line(log, "training on a synthetic sample set", process, timeout=300)
         process.send_signal(signal.SIGTERM)  # to the supervisor alone, as `kill PID` does

@@ -1,6 +1,7 @@
-"""A first start that survives anything: `hm-mlflow up` interrupted at each stage of its first
-training (sample generation, feature extraction, cross-validation, logging), then started again,
-serves a model; a second Ctrl-C during shutdown leaves nothing behind."""
+"""A first start that survives anything: `hm-mlflow up` with HM_FIRST_MODEL=train interrupted
+at each stage of its first training (sample generation, feature extraction, cross-validation,
+logging), then started again, serves a model; a second Ctrl-C during shutdown leaves nothing
+behind."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def runs(state: Path) -> list:
 
 
 def test_interrupted_at_every_stage_then_started_again(platform_env, tmp_path):
-    env = dict(platform_env)
+    env = {**platform_env, "HM_FIRST_MODEL": "train"}
     state = Path(env["HM_STATE_DIR"])
     for number, (stage, marker) in enumerate(STAGES.items()):
         log = tmp_path / f"up-{number}.log"
@@ -73,7 +74,8 @@ def test_interrupted_at_every_stage_then_started_again(platform_env, tmp_path):
 
 def test_a_second_ctrl_c_during_shutdown_orphans_nothing(platform_env, tmp_path):
     log = tmp_path / "up.log"
-    process = start([str(BIN / "hm-mlflow"), "up"], log, platform_env, cwd=tmp_path)
+    env = {**platform_env, "HM_FIRST_MODEL": "train"}
+    process = start([str(BIN / "hm-mlflow"), "up"], log, env, cwd=tmp_path)
     try:
         wait_for_line(log, "fitting the final model", process, timeout=400)
         process.send_signal(signal.SIGINT)

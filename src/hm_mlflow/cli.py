@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -31,12 +32,14 @@ def plain_errors(command):
     def wrapper(*args, **kwargs):
         from mlflow.exceptions import MlflowException
 
+        from hm_mlflow.bundle import BundleError
         from hm_mlflow.dataset import DataError
         from hm_mlflow.tracking import TrackingServerUnavailable
 
         try:
             return command(*args, **kwargs)
         except (
+            BundleError,
             DataError,
             MlflowException,
             TrackingServerUnavailable,
@@ -160,6 +163,47 @@ def train(
         "metrics": shown,
     }
     click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command()
+@plain_errors
+@click.pass_context
+def bootstrap(ctx: click.Context) -> None:
+    """First start: when no version holds the alias, register the bundled model
+    (HM_FIRST_MODEL=bundled, the default), or train one on HM_DATA_DIR, on a synthetic sample
+    set if it holds no images (HM_FIRST_MODEL=train)."""
+    settings = get_settings()
+    if settings.first_model == "train":
+        ctx.invoke(train, if_no_production=True, sample_if_empty=True)
+        return
+    current = _production(settings)
+    if current is not None:
+        click.echo(
+            f"{settings.model_name} version {current.version} holds the alias "
+            f"'{settings.model_alias}': nothing to do."
+        )
+        return
+    from hm_mlflow.bundle import register
+
+    started = time.perf_counter()
+    version = register(settings)
+    click.echo(
+        f"Registered the bundled model (trained on the Kaggle chest X-ray films) as "
+        f"{settings.model_name} version {version} with the alias '{settings.model_alias}' "
+        f"in {time.perf_counter() - started:.1f} s."
+    )
+
+
+@cli.command("bundle-model")
+@click.option("--data", required=True, help="The Kaggle layout to train on (../shared/data/cxr).")
+@plain_errors
+def bundle_model(data: str) -> None:
+    """Train with the defaults on DATA and write the bundled model into the package."""
+    from hm_mlflow.bundle import BUNDLE, build
+
+    record = build(data)
+    shown = {k: v for k, v in record["metrics"].items() if k.startswith(("cv_oof_", "transfer_"))}
+    click.echo(json.dumps({"bundle": str(BUNDLE), "data": record["data"], **shown}, indent=2))
 
 
 def _production(settings: Settings):

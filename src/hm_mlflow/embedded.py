@@ -2,8 +2,9 @@
 
 1. an MLflow tracking server: SQLite backend and artifacts under the state folder, artifacts
    proxied by the server, so no client needs storage credentials;
-2. when no version holds the Production alias: a first training run, on the data folder if it
-   holds the Kaggle layout, else on a synthetic sample set generated into the state folder;
+2. when no version holds the Production alias: the bundled model (`hm_mlflow.bundle`), trained
+   on the Kaggle films, registered in seconds (or, with HM_FIRST_MODEL=train, a training run on
+   the data folder, on a synthetic sample set when it holds no images);
 3. the webapp, once MLflow is healthy.
 
 Ctrl-C (or SIGTERM) stops both servers. Everything lives in the state folder, so runs and models
@@ -203,26 +204,19 @@ class Platform:
                 )
 
     def bootstrap(self) -> None:
-        """Train and promote a first model when no version holds the Production alias: on the
-        data folder if it has a train split, else on a generated sample set. The same command a
-        person, a container or the ECS task runs, in a child process of its own group: Ctrl-C
-        reaches the supervisor only, which stops the training with SIGTERM and a grace period
-        (the run is then marked KILLED in MLflow)."""
+        """Give an empty registry its first model: `hm-mlflow bootstrap`, the command the
+        compose stack runs too (the bundled model by default, registered in seconds; a training
+        run with HM_FIRST_MODEL=train). In a child process of its own group: Ctrl-C reaches the
+        supervisor only, which stops it with SIGTERM and a grace period (a training run is then
+        marked KILLED in MLflow)."""
         self.trainer = subprocess.Popen(
-            [
-                str(BIN / "hm-mlflow"),
-                "train",
-                "--data",
-                str(self.settings.data_dir),
-                "--if-no-production",
-                "--sample-if-empty",
-            ],
+            [str(BIN / "hm-mlflow"), "bootstrap"],
             env={**os.environ, **self.env},
             start_new_session=True,
         )
         code = self.trainer.wait()
         if code != 0:
-            raise PlatformError(f"the first training run failed (exit {code})")
+            raise PlatformError(f"the first model could not be registered (exit {code})")
 
     def up(self) -> None:
         stop_on_signals()
