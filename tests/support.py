@@ -295,3 +295,19 @@ def ctrl_c(process: subprocess.Popen) -> int:
     """What a terminal does on Ctrl-C: SIGINT to the foreground process group."""
     os.killpg(process.pid, signal.SIGINT)
     return process.wait(60)
+
+
+def raw_png(width: int, height: int, idat: bytes) -> bytes:
+    """An 8-bit grayscale PNG built by hand: the header says width x height, the image data is
+    `idat` as given (compressed rows, or too few of them), so hostile files can be made."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )

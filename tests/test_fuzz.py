@@ -5,7 +5,6 @@ routes of the app's own OpenAPI schema and from mutations of real films, JPEG, P
 from __future__ import annotations
 
 import io
-import struct
 import zlib
 
 import cv2
@@ -20,7 +19,7 @@ from PIL import Image
 from hm_mlflow.dataset import list_split
 
 from dicom_files import make_dicom, ramp
-from support import serve, stop, wait_for_version
+from support import raw_png, serve, stop, wait_for_version
 
 pytestmark = pytest.mark.integration
 
@@ -152,22 +151,7 @@ def test_fuzzed_requests_get_no_5xx_and_kill_no_worker(server, seeds):
 
 def _png_bomb() -> bytes:
     """5000 x 5000 declared (25 MP, within the limit), IDAT of zeros inflating to 25 MB."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
-
-    rows = zlib.compress(b"\0" * (5001 * 5000), 9)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", 5000, 5000, 8, 0, 0, 0, 0))
-        + chunk(b"IDAT", rows)
-        + chunk(b"IEND", b"")
-    )
+    return raw_png(5000, 5000, zlib.compress(b"\0" * (5001 * 5000), 9))
 
 
 def test_hand_made_hostile_requests(server, seeds):

@@ -32,6 +32,7 @@ from dicom_files import make_dicom, ramp
 from support import (
     free_port,
     make_settings,
+    raw_png,
     request_log,
     serve,
     start,
@@ -73,24 +74,9 @@ def png(width: int, height: int, noise: bool = False) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height, with almost no pixel data (a bomb's shape)."""
-    import struct
     import zlib
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-        + chunk(b"IEND", b"")
-    )
+    return raw_png(width, height, zlib.compress(b"\0" * 1000))
 
 
 def many_scans(film: bytes, scans: int) -> bytes:

@@ -126,14 +126,8 @@ def train(
     from hm_mlflow.train import training_data
 
     settings = get_settings()
-    if if_no_production:
-        current = _production(settings)
-        if current is not None:
-            click.echo(
-                f"{settings.model_name} version {current.version} holds the alias "
-                f"'{settings.model_alias}': nothing to train."
-            )
-            return
+    if if_no_production and _served(settings, "nothing to train"):
+        return
     if str(data or settings.data_dir).startswith("s3://"):
         _require_extra("train", "boto3")
     stop_on_signals()  # Ctrl-C or SIGTERM: the run is marked KILLED, nothing is half-written
@@ -176,12 +170,7 @@ def bootstrap(ctx: click.Context) -> None:
     if settings.first_model == "train":
         ctx.invoke(train, if_no_production=True, sample_if_empty=True)
         return
-    current = _production(settings)
-    if current is not None:
-        click.echo(
-            f"{settings.model_name} version {current.version} holds the alias "
-            f"'{settings.model_alias}': nothing to do."
-        )
+    if _served(settings, "nothing to do"):
         return
     from hm_mlflow.bundle import register
 
@@ -204,6 +193,18 @@ def bundle_model(data: str) -> None:
     record = build(data)
     shown = {k: v for k, v in record["metrics"].items() if k.startswith(("cv_oof_", "transfer_"))}
     click.echo(json.dumps({"bundle": str(BUNDLE), "data": record["data"], **shown}, indent=2))
+
+
+def _served(settings: Settings, then: str) -> bool:
+    """Whether a version holds the alias; if so, say which and `then` (the first-start
+    commands stop there)."""
+    current = _production(settings)
+    if current is not None:
+        click.echo(
+            f"{settings.model_name} version {current.version} holds the alias "
+            f"'{settings.model_alias}': {then}."
+        )
+    return current is not None
 
 
 def _production(settings: Settings):
