@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -80,7 +82,13 @@ def multipart(name: str, data: bytes) -> bytes:
     )
 
 
-def latency(url: str, payloads: list[tuple[str, bytes]], requests: int) -> list[float]:
+def latency(
+    url: str,
+    payloads: list[tuple[str, bytes]],
+    requests: int,
+    path: str = "/api/predict",
+    warmup: int = 20,
+) -> list[float]:
     """One client, one request at a time on one keep-alive connection, each body built
     beforehand (as wrk does): the time is the server's and the network's, not a client
     library's (httpx adds about 0.3 ms of its own per request here). TCP_NODELAY as browsers
@@ -92,16 +100,16 @@ def latency(url: str, payloads: list[tuple[str, bytes]], requests: int) -> list[
     connection.connect()
     connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     times = []
-    for i in range(requests + 20):
+    for i in range(requests + warmup):
         body = bodies[i % len(bodies)]
         started = time.perf_counter()
-        connection.request("POST", "/api/predict", body=body, headers=headers)
+        connection.request("POST", path, body=body, headers=headers)
         answer = connection.getresponse()
         payload = answer.read()
         elapsed = time.perf_counter() - started
         if answer.status != 200:
             raise SystemExit(f"{payloads[i % len(payloads)][0]}: {answer.status} {payload[:200]}")
-        if i >= 20:  # the first ones warm the connection and the model
+        if i >= warmup:  # the first ones warm the connection and the model
             times.append(elapsed)
     connection.close()
     return times
@@ -183,6 +191,38 @@ def train_model(data: Path, tmp: Path) -> tuple[str, str]:
     return uri, "bench-latency"
 
 
+@contextmanager
+def serving(uri: str, name: str, workers: int, cwd: Path) -> Iterator[str]:
+    """`hm-mlflow serve` on the model, ready; yields its URL and stops it afterwards."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HM_MODEL_NAME": name}
+    command = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    server = subprocess.Popen(
+        [str(BIN / "hm-mlflow"), *command],
+        env={**env, "HM_REFRESH_SECONDS": "30"},
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise SystemExit("the webapp did not become ready")
+        yield url
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -205,43 +245,8 @@ def main() -> None:
             uri, name = train_model(args.data, tmp)
         paths = films(args.data, args.films)
         payloads = [(p.name, p.read_bytes()) for p in paths]
-        port = free_port()
-        env = {
-            **os.environ,
-            "MLFLOW_TRACKING_URI": uri,
-            "HM_MODEL_NAME": name,
-            "HM_REFRESH_SECONDS": "30",
-        }
         workers = args.workers or Settings().n_web_workers
-        server = subprocess.Popen(
-            [
-                str(BIN / "hm-mlflow"),
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                str(workers),
-            ],
-            env=env,
-            cwd=tmp,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            else:
-                raise SystemExit("the webapp did not become ready")
+        with serving(uri, name, workers, tmp) as url:
             runs = []
             for run in range(args.runs):
                 decode = decode_p50([data for _, data in payloads])
@@ -253,9 +258,6 @@ def main() -> None:
                     f"{decode * 1000:.2f} ms, {load.get('rate', float('nan')):.1f} req/s",
                     flush=True,
                 )
-        finally:
-            os.killpg(server.pid, 15)
-            server.wait(30)
 
     sizes = [len(data) for _, data in payloads]
     shapes = [

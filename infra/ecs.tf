@@ -149,6 +149,8 @@ locals {
       portMappings = [{ containerPort = local.services.webapp.port, protocol = "tcp" }]
       environment = concat(local.mlflow_client_env, local.mlflow_client_user["webapp"].environment, [
         { name = "HM_REFRESH_SECONDS", value = tostring(var.refresh_seconds) },
+        # The upload page's links to the run and the version: MLflow as a browser reaches it.
+        { name = "HM_MLFLOW_UI_URL", value = "${local.public_scheme}://${local.mlflow_host}" },
         { name = "HM_KEEP_ALIVE_SECONDS", value = tostring(local.keep_alive_seconds) },
         # A fraction of a vCPU per task: one worker each, more tasks under load.
         { name = "HM_WEB_WORKERS", value = tostring(max(1, floor(var.webapp_cpu / 1024))) },

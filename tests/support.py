@@ -142,12 +142,19 @@ def serve(settings, tmp_path: Path, **env) -> tuple[str, subprocess.Popen]:
     return url, process
 
 
-def wait_for_version(url: str, version: str, timeout: float = 60) -> dict:
+def wait_for_version(url: str, version: str, timeout: float = 60, agree: int = 6) -> dict:
+    """Wait until `agree` /health answers in a row, each on its own connection (so spread over
+    the server's workers), report `version` in service."""
     deadline = time.monotonic() + timeout
+    in_a_row = 0
     while time.monotonic() < deadline:
         health = httpx.get(f"{url}/health").json()
         if health["model"] and health["model"]["version"] == version:
-            return health
+            in_a_row += 1
+            if in_a_row >= agree:
+                return health
+            continue
+        in_a_row = 0
         time.sleep(0.5)
     raise TimeoutError(f"version {version} not served after {timeout} s: {health}")
 

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
 
     # Webapp
     refresh_seconds: float = Field(30.0, gt=0)
+    mlflow_ui_url: str | None = Field(
+        None, description="the MLflow UI as a browser reaches it; unset: an http tracking URI"
+    )
+    max_batch_files: int = Field(50, ge=1, description="films the upload page takes at once")
     max_upload_mb: float = Field(32.0, gt=0)
     max_megapixels: float = Field(36.0, gt=0, description="largest image accepted, in pixels")
     max_aspect_ratio: float = Field(4.0, ge=1.0, description="longer side / shorter side")
@@ -84,6 +88,15 @@ class Settings(BaseSettings):
     def tracking_uri(self) -> str:
         """`MLFLOW_TRACKING_URI` if set, else the embedded platform's server."""
         return self.mlflow_tracking_uri or f"http://{self.mlflow_host}:{self.mlflow_port}"
+
+    @property
+    def ui_url(self) -> str | None:
+        """Where the page links to MLflow: HM_MLFLOW_UI_URL, else the tracking URI if a browser
+        could open it (http or https), else nowhere."""
+        if self.mlflow_ui_url:
+            return self.mlflow_ui_url
+        uri = self.tracking_uri
+        return uri if uri.startswith(("http://", "https://")) else None
 
     @property
     def model_uri(self) -> str:

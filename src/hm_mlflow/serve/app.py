@@ -7,7 +7,8 @@ a 500 or reaches a stack trace.
 
     GET  /              upload page
     POST /              the page with the answer
-    POST /api/predict   JSON answer for programs
+    POST /api/predict   JSON answer for programs (?thumbnail=true adds the film as a PNG)
+    POST /api/explain   where the model looked: occlusion map as numbers and a PNG overlay
     GET  /health        liveness: ok or degraded, the model in service (no URI, no error text)
     GET  /ready         200 once a model is loaded, else 503
     GET  /metrics       Prometheus
@@ -20,9 +21,13 @@ import base64
 import contextlib
 import logging
 import os
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import cv2
@@ -36,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 from hm_mlflow import __version__
 from hm_mlflow.config import Settings, get_settings
+from hm_mlflow.explain import CAPTION, Explanation, NotExplainable
 from hm_mlflow.serve.limits import Admission, BodyLimit, return_freed_buffers_to_the_system
 from hm_mlflow.serve.model_holder import (
     WITHDRAWN,
@@ -61,9 +67,6 @@ log = logging.getLogger(__name__)
 Upload = Annotated[UploadFile | None, File(description=f"the chest X-ray: {ACCEPTED}")]
 HERE = Path(__file__).parent
 THUMBNAIL = 320
-INLINE_BYTES = 4 * 2**20
-"""Images whose upload and decode take less than this are classified on the event loop
-(one worker per core: a thread would add a hand-over, not a core); larger ones in a thread."""
 NO_MODEL = (
     "No model is in production yet: the registry has no version of {name} with the "
     "alias '{alias}'. Train one (hm-mlflow train); it is picked up within {seconds:g} s."
@@ -74,6 +77,13 @@ WITHDRAWN_MESSAGE = (
     "answer is given until a version holds it again."
 )
 BUSY = "The server is busy with other images; try again in a moment."
+BUSY_EXPLAINING = "The server is busy making other heat maps; try again in a moment."
+NOT_EXPLAINABLE = (
+    "Model version {version} was saved in an older format that cannot make a heat map; "
+    "its predictions are unaffected."
+)
+MAX_EXPLAINS_WAITING = 2
+"""Occlusion maps per worker at once, running or queued (one runs at a time)."""
 MODEL_FAILED = "The model failed on this image; try again, or try another image."
 
 
@@ -96,6 +106,17 @@ def _readable_time(iso: str) -> str:
     except ValueError:
         return iso
     return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _predict(serving: ServingModel, data: bytes) -> Prediction:
+    return serving.predict(data)
+
+
+def _lower_priority() -> None:
+    """Run this thread (the occlusion maps') at a lower scheduling priority than the
+    predictions: on Linux a thread's nice value is its own."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _thumbnail(prediction: Prediction, image: CheckedImage) -> str:
@@ -123,6 +144,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         settings.tracking_uri,
         registry_timeout=settings.registry_timeout,
         load_timeout=settings.load_timeout,
+        ui_url=settings.ui_url,
     )
     limits = Limits(
         max_bytes=settings.max_upload_bytes,
@@ -131,6 +153,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     )
     admission = Admission(settings.max_in_flight, int(settings.decode_budget_mb * 2**20))
     metrics = Metrics()
+    explain_pool = ThreadPoolExecutor(1, "hm-explain", initializer=_lower_priority)
+    explains = SimpleNamespace(waiting=0)
     configure_logging()
 
     @asynccontextmanager
@@ -140,6 +164,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        explain_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="hm-mlflow chest X-ray classifier", version=__version__, lifespan=lifespan)
     app.state.holder = holder
@@ -168,11 +193,12 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         return UploadError(503, message, "no_model")
 
     async def classify(
-        request: Request, file: UploadFile | None
-    ) -> tuple[CheckedImage, Prediction, ServingModel]:
-        """Check the upload from its header, reserve what its decode takes, then answer with
-        the model read once for this request. The whole body is read into memory only after
-        the checks and the reservation."""
+        request: Request, file: UploadFile | None, work=None, pool: Executor | None = None
+    ) -> tuple[CheckedImage, object, ServingModel]:
+        """Check the upload from its header, reserve what its decode takes, then run `work`
+        (serving model, image bytes) -> answer, by default the prediction, with the model read
+        once for this request, in `pool` (default: the thread pool). The whole body is read
+        into memory only after the checks and the reservation."""
         if file is None:
             raise UploadError(
                 400,
@@ -195,12 +221,18 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         try:
             await file.seek(0)
             data = await file.read()
-            image, prediction = await run_in_threadpool(
-                _prepare_and_predict, data, inspected, serving
-            )
+            job = partial(_prepare_and_run, data, inspected, serving, work or _predict)
+            if pool is None:
+                image, answer = await run_in_threadpool(job)
+            else:
+                image, answer = await asyncio.get_running_loop().run_in_executor(pool, job)
         except ValueError as exc:  # the model's decoder refused what the checks let through
             raise UploadError(
                 422, f"The image could not be read; it may be damaged ({exc}).", "undecodable"
+            ) from exc
+        except NotExplainable as exc:
+            raise UploadError(
+                409, NOT_EXPLAINABLE.format(version=serving.version), "no_map"
             ) from exc
         except ModelFailure as exc:
             log.error("model %s failed: %s", serving.version, exc)
@@ -208,15 +240,13 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         finally:
             admission.leave(cost)
             metrics.in_flight.dec()
-        request.state.model_version = prediction.version
-        return image, prediction, serving
+        request.state.model_version = serving.version
+        return image, answer, serving
 
-    def _prepare_and_predict(
-        data: bytes, inspected: Inspected, serving: ServingModel
-    ) -> tuple[CheckedImage, Prediction]:
+    def _prepare_and_run(data: bytes, inspected: Inspected, serving: ServingModel, work):
         """Both steps in one worker thread: one hop from the event loop per image."""
         image = prepare(data, inspected, limits)
-        return image, serving.predict(image.data)
+        return image, work(serving, image.data)
 
     def refused(request: Request, error: UploadError) -> None:
         request.state.outcome = error.reason
@@ -231,8 +261,11 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             status_code=status,
             context={
                 "model": serving.describe() if serving else None,
+                "about": serving.about if serving else None,
                 "no_model": None if serving else unavailable().message,
                 "max_mb": settings.max_upload_mb,
+                "max_files": settings.max_batch_files,
+                "caption": CAPTION,
                 **context,
             },
         )
@@ -261,20 +294,57 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         }
         return page(request, result=result, serving=serving)
 
+    def api_error(request: Request, exc: UploadError) -> JSONResponse:
+        refused(request, exc)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+    def model_of(prediction: Prediction | Explanation, serving: ServingModel) -> dict:
+        return {
+            "label": serving.label_of(prediction.probability),
+            "probability": prediction.probability,
+            "threshold": serving.threshold,
+            "model": {"name": settings.model_name, "version": serving.version},
+        }
+
     @app.post("/api/predict")
-    async def predict(request: Request, file: Upload = None) -> JSONResponse:
+    async def predict(
+        request: Request, file: Upload = None, thumbnail: bool = False
+    ) -> JSONResponse:
+        """Label and probability of one film; `?thumbnail=true` adds the film as the model
+        cropped it (a small PNG data URL), for the upload page's table."""
         try:
-            _, prediction, _ = await classify(request, file)
+            image, prediction, serving = await classify(request, file)
         except UploadError as exc:
-            refused(request, exc)
-            headers = {"Retry-After": "1"} if exc.status == 503 else None
-            return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+            return api_error(request, exc)
+        answer = model_of(prediction, serving)
+        if thumbnail:
+            answer["thumbnail"] = await run_in_threadpool(_thumbnail, prediction, image)
+        return JSONResponse(answer)
+
+    @app.post("/api/explain")
+    async def explain(request: Request, file: Upload = None) -> JSONResponse:
+        """Where the model looked: the occlusion map of one film under the served version, as
+        numbers and as a PNG overlay on the model's canvas. Maps are computed one at a time per
+        worker, in a thread of lower priority than the predictions."""
+        if explains.waiting >= MAX_EXPLAINS_WAITING:
+            return api_error(request, UploadError(503, BUSY_EXPLAINING, "busy"))
+        explains.waiting += 1
+        try:
+            _, explanation, serving = await classify(
+                request, file, lambda model, data: model.explain(data), explain_pool
+            )
+        except UploadError as exc:
+            return api_error(request, exc)
+        finally:
+            explains.waiting -= 1
+        overlay = await run_in_threadpool(explanation.overlay_png)
         return JSONResponse(
             {
-                "label": prediction.label,
-                "probability": prediction.probability,
-                "threshold": prediction.threshold,
-                "model": {"name": settings.model_name, "version": prediction.version},
+                **model_of(explanation, serving),
+                "occlusion": explanation.as_dict(),
+                "overlay_png": base64.b64encode(overlay).decode(),
+                "caption": CAPTION,
             }
         )
 

@@ -14,13 +14,15 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
 import pandas as pd
 
+from hm_mlflow.explain import Explanation, NotExplainable, occlusion
 from hm_mlflow.registry import Registry
+from hm_mlflow.serve.model_card import model_card
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class ServingModel:
     labels: tuple[str, str] = ("NORMAL", "PNEUMONIA")
     fast: object | None = field(default=None, repr=False)  # the python model's classify()
     directory: str | None = None  # the verified copy it was loaded from
+    python_model: object | None = field(default=None, repr=False)  # for occlusion maps
+    about: dict = field(default_factory=dict)  # the model card: data, metrics, links
 
     @classmethod
     def load(cls, name: str, version: str, recorded: dict[str, str] | None) -> ServingModel:
@@ -97,6 +101,7 @@ class ServingModel:
             labels=tuple(config.get("labels", cls.labels)),
             fast=getattr(python_model, "classify", None),
             directory=directory,
+            python_model=python_model,
         )
 
     def predict(self, image: bytes) -> Prediction:
@@ -114,8 +119,26 @@ class ServingModel:
             raise ValueError(str(exc).splitlines()[-1] if str(exc) else "unreadable") from exc
         except Exception as exc:
             raise ModelFailure(f"{type(exc).__name__}: {exc}") from exc
-        label = self.labels[1] if probability >= self.threshold else self.labels[0]
-        return Prediction(label, probability, self.version, self.threshold, film)
+        return Prediction(
+            self.label_of(probability), probability, self.version, self.threshold, film
+        )
+
+    def label_of(self, probability: float) -> str:
+        """The answer at this version's decision threshold."""
+        return self.labels[1] if probability >= self.threshold else self.labels[0]
+
+    def explain(self, image: bytes) -> Explanation:
+        """The occlusion map of one image under this version (`hm_mlflow.explain`). A
+        ValueError means the image could not be read; NotExplainable, that this version cannot
+        be explained; anything else is a ModelFailure."""
+        try:
+            return occlusion(self.python_model, image)
+        except (ValueError, NotExplainable):
+            raise
+        except cv2.error as exc:
+            raise ValueError(str(exc).splitlines()[-1] if str(exc) else "unreadable") from exc
+        except Exception as exc:
+            raise ModelFailure(f"{type(exc).__name__}: {exc}") from exc
 
     def describe(self) -> dict:
         return {
@@ -170,6 +193,7 @@ class ModelHolder:
         tracking_uri: str,
         registry_timeout: float = 10.0,
         load_timeout: float = 120.0,
+        ui_url: str | None = None,
     ) -> None:
         import mlflow
         from mlflow import MlflowClient
@@ -178,6 +202,7 @@ class ModelHolder:
         self.registry = Registry(name, alias, MlflowClient(tracking_uri=tracking_uri))
         self.registry_timeout = registry_timeout
         self.load_timeout = load_timeout
+        self.ui_url = ui_url  # the MLflow UI as a browser reaches it, for the model card's links
         self._current: ServingModel | None = None
         self._lock = threading.Lock()  # one refresh at a time; readers never wait
         self.state = LOADING
@@ -252,6 +277,7 @@ class ModelHolder:
             if self._current is None:
                 self.state = NO_MODEL
             return False
+        loaded = replace(loaded, about=self._card(version))
         previous, self._current = self._current, loaded  # requests in flight keep theirs
         self.state = SERVING
         self.refused = None
@@ -261,6 +287,24 @@ class ModelHolder:
         self.loads += 1
         log.info("serving %s version %s (alias %s)", name, wanted, self.registry.alias)
         return True
+
+    def _card(self, version) -> dict:
+        """The version's model card; a card that cannot be read never stops the model."""
+        try:
+            return _with_timeout(
+                lambda: model_card(self.registry.client, version, self.ui_url),
+                self.registry_timeout,
+                "model card",
+            )
+        except Exception as exc:
+            log.warning(
+                "no model card for version %s: %s: %s", version.version, type(exc).__name__, exc
+            )
+            return {
+                "name": self.registry.name,
+                "version": str(version.version),
+                "unavailable": True,
+            }
 
     def status(self) -> dict:
         """What /health and /ready say: no URI and no exception text."""
