@@ -166,6 +166,9 @@ def test_a_set_with_a_bad_file_answers_the_rest_and_downloads_as_csv(page, webap
     fits_the_width(page)
     no_serious_violations(page)
     shoot(page, "03-set-with-a-bad-file")
+    if page.viewport_name == "phone":  # the narrowest screen the page is made for
+        page.set_viewport_size({"width": 360, "height": 740})
+        fits_the_width(page)
 
     with page.expect_download() as download:
         page.click("#csv")
@@ -189,6 +192,22 @@ def test_a_single_bad_file_is_explained_next_to_the_form_in_the_apis_words(page,
     page.click("button[type=submit]")
     expect(page.locator("#error")).to_have_text(api.json()["detail"])
     shoot(page, "04-error")
+
+
+def test_more_films_than_the_page_takes_are_refused_before_any_upload(page, webapp, tmp_path):
+    names = []
+    for index in range(51):  # HM_MAX_BATCH_FILES is 50
+        path = tmp_path / f"film-{index}.png"
+        path.write_bytes(b"\x89PNG\r\n\x1a\n")
+        names.append(str(path))
+    page.goto(webapp)
+    expect(page.locator("label[for=file]")).to_contain_text("up to 50 films at once")
+    page.set_input_files("#file", names)
+    page.click("button[type=submit]")
+    expect(page.locator("#error")).to_have_text(
+        "51 files were chosen; the page takes up to 50 at once. Choose fewer."
+    )
+    expect(page.locator("tr.film-row")).to_have_count(0)
 
 
 def test_films_dropped_on_the_page_are_classified(page, webapp, films):
@@ -222,9 +241,20 @@ def test_a_dicom_film_is_classified(page, webapp, films, tmp_path):
     film = tmp_path / "film.dcm"
     film.write_bytes(make_dicom(pixels, bits_stored=12))
     page.goto(webapp)
+    page.evaluate(  # record every status the row shows while the film uploads
+        """() => {
+            window.seen = [];
+            new MutationObserver(() => {
+                for (const s of document.querySelectorAll("tr.film-row .status"))
+                    if (s.textContent) window.seen.push(s.textContent);
+            }).observe(document.querySelector("tbody"), {childList: true, subtree: true});
+        }"""
+    )
     page.set_input_files("#file", str(film))
     page.click("button[type=submit]")
     wait_for_answers(page, 1)
+    seen = page.evaluate("window.seen")
+    assert seen[0] == "waiting" and "classifying" in seen, seen
     row = page.locator("tr.film-row")
     expect(row.locator(".label-text")).to_have_text(LABEL)
     assert row.locator(".thumb img").evaluate("img => img.naturalWidth") > 0
@@ -236,7 +266,8 @@ def test_the_heat_map_shows_where_the_model_looked(page, webapp, films):
     page.set_input_files("#file", str(films[2]))
     page.click("button[type=submit]")
     wait_for_answers(page, 1)
-    page.click("button.explain")
+    page.focus("button.explain")  # from the keyboard
+    page.keyboard.press("Enter")
     heatmap = page.locator("tr.map-row figure.heatmap")
     expect(heatmap).to_be_visible()
     expect(heatmap.locator("figcaption")).to_contain_text("not where disease is")

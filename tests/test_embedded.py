@@ -51,6 +51,10 @@ def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
             files={"file": ("film.jpeg", make_film(seed=5, pneumonia=True))},
         )
         assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
+        # The page's "About this model" says where it comes from and links to its run.
+        page = httpx.get(webapp_url).text
+        assert 'data-kind="bundled"' in page and "Kermany" in page
+        assert f'href="{mlflow_url}/#/experiments/' in page and version.run_id in page
 
         assert ctrl_c(process) == 0
         assert processes_mentioning(str(state)) == []

@@ -72,7 +72,8 @@ def test_the_map_of_the_served_model_starts_from_its_own_answer(served_model, sa
     data = Path(film.location).read_bytes()
     probability, _ = served_model.classify(data)
     explanation = occlusion(served_model, data)
-    assert explanation.probability == probability  # the same canvas, the same features
+    # the same canvas, the same features (OpenCV's float code may differ in the last bits)
+    assert explanation.probability == pytest.approx(probability, abs=1e-9)
     assert explanation.values.shape == (15, 15)
     assert np.abs(explanation.values).max() > 1e-3  # some region matters to this model
 
@@ -84,8 +85,9 @@ def test_the_api_explains_the_served_version(webapp, sample_root):
     response = httpx.post(f"{webapp}/api/explain", files={"file": data}, timeout=30)
     assert response.status_code == 200, response.text
     body = response.json()
-    for key in ("label", "probability", "threshold", "model"):
+    for key in ("label", "threshold", "model"):
         assert body[key] == predicted[key]
+    assert body["probability"] == pytest.approx(predicted["probability"], abs=1e-9)
     occluded = body["occlusion"]
     assert (occluded["rows"], occluded["cols"], occluded["patch"], occluded["stride"]) == (
         15,
@@ -120,4 +122,4 @@ def test_predict_adds_the_thumbnail_only_when_asked(webapp, sample_root):
     ).json()
     assert "thumbnail" not in plain
     assert with_thumbnail["thumbnail"].startswith("data:image/png;base64,")
-    assert with_thumbnail["probability"] == plain["probability"]
+    assert with_thumbnail["probability"] == pytest.approx(plain["probability"], abs=1e-9)

@@ -104,7 +104,9 @@ def occlusion(model, image: bytes, patch: int = PATCH, stride: int = STRIDE) -> 
             hidden = canvas.copy()
             hidden[top : top + patch, left : left + patch] = fill
             vectors.append(features.from_image(hidden))
-    probabilities = np.asarray(model.probability(np.stack(vectors)), dtype=np.float64)
-    base = float(probabilities[0])
-    values = (base - probabilities[1:]).reshape(len(starts), len(starts))
+    # The film as it is, alone: the same computation as the model's answer to /api/predict
+    # (a batch may sum in another order and differ in the last bits).
+    base = float(np.asarray(model.probability(vectors[0][np.newaxis]))[0])
+    hidden_probability = np.asarray(model.probability(np.stack(vectors[1:])), dtype=np.float64)
+    values = (base - hidden_probability).reshape(len(starts), len(starts))
     return Explanation(base, values, canvas, patch, stride)
