@@ -112,6 +112,12 @@ def _predict(serving: ServingModel, data: bytes) -> Prediction:
     return serving.predict(data)
 
 
+def _run_date(serving: ServingModel) -> dict:
+    """The training date from the model card when the model's own config has none (the
+    bundled model's)."""
+    return {"trained_at": serving.trained_at or serving.about.get("trained_at")}
+
+
 def _lower_priority() -> None:
     """Run this thread (the occlusion maps') at a lower scheduling priority than the
     predictions: on Linux a thread's nice value is its own."""
@@ -260,7 +266,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             "index.html",
             status_code=status,
             context={
-                "model": serving.describe() if serving else None,
+                "model": serving.describe() | _run_date(serving) if serving else None,
                 "about": serving.about if serving else None,
                 "no_model": None if serving else unavailable().message,
                 "max_mb": settings.max_upload_mb,

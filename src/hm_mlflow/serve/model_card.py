@@ -14,7 +14,7 @@ from urllib.parse import quote
 METRICS = (
     ("cv_oof", "Cross-validation (held-out patients)"),
     ("transfer", "Transfer estimate (13 acquisition shifts)"),
-    ("val", "Kaggle val split"),
+    ("val", "The data's val split"),
 )
 MEASURES = (
     ("sensitivity", "Sensitivity"),
