@@ -4,6 +4,8 @@ API route that serves them beside /api/predict."""
 from __future__ import annotations
 
 import base64
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -123,3 +125,25 @@ def test_predict_adds_the_thumbnail_only_when_asked(webapp, sample_root):
     assert "thumbnail" not in plain
     assert with_thumbnail["thumbnail"].startswith("data:image/png;base64,")
     assert with_thumbnail["probability"] == pytest.approx(plain["probability"], abs=1e-9)
+
+
+def test_maps_beyond_the_queue_are_refused_as_busy_and_predictions_go_on(webapp, sample_root):
+    """Each worker makes one map at a time and holds one more; the rest are told to come back
+    (503, Retry-After, a sentence), while /api/predict keeps answering."""
+    film = list_split(sample_root, "test")[1]
+    data = Path(film.location).read_bytes()
+    workers = os.cpu_count() or 1  # the webapp fixture: one per core
+    with ThreadPoolExecutor(4 * workers + 1) as pool:
+        maps = [
+            pool.submit(httpx.post, f"{webapp}/api/explain", files={"file": data}, timeout=60)
+            for _ in range(4 * workers)
+        ]
+        predicted = pool.submit(httpx.post, f"{webapp}/api/predict", files={"file": data})
+        answers = [future.result() for future in maps]
+    statuses = sorted(answer.status_code for answer in answers)
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 1, statuses
+    busy = [answer for answer in answers if answer.status_code == 503]
+    assert busy, statuses
+    assert all("heat maps" in answer.json()["detail"] for answer in busy)
+    assert all(answer.headers["Retry-After"] == "1" for answer in busy)
+    assert predicted.result().status_code == 200

@@ -27,7 +27,6 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated
 
 import cv2
@@ -160,7 +159,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     admission = Admission(settings.max_in_flight, int(settings.decode_budget_mb * 2**20))
     metrics = Metrics()
     explain_pool = ThreadPoolExecutor(1, "hm-explain", initializer=_lower_priority)
-    explains = SimpleNamespace(waiting=0)
+    maps = Admission(MAX_EXPLAINS_WAITING, budget=2**62)  # counted; memory is `admission`'s
     configure_logging()
 
     @asynccontextmanager
@@ -333,9 +332,8 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         """Where the model looked: the occlusion map of one film under the served version, as
         numbers and as a PNG overlay on the model's canvas. Maps are computed one at a time per
         worker, in a thread of lower priority than the predictions."""
-        if explains.waiting >= MAX_EXPLAINS_WAITING:
+        if not maps.try_enter(0):
             return api_error(request, UploadError(503, BUSY_EXPLAINING, "busy"))
-        explains.waiting += 1
         try:
             _, explanation, serving = await classify(
                 request, file, lambda model, data: model.explain(data), explain_pool
@@ -343,7 +341,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         except UploadError as exc:
             return api_error(request, exc)
         finally:
-            explains.waiting -= 1
+            maps.leave(0)
         overlay = await run_in_threadpool(explanation.overlay_png)
         return JSONResponse(
             {

@@ -14,6 +14,7 @@ import logging
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import cv2
@@ -36,6 +37,21 @@ class ModelFailure(Exception):
 
 class ModelRefused(Exception):
     """A version that must not be run (altered files, or none recorded); says which and why."""
+
+
+@contextmanager
+def _model_errors():
+    """What a model raises on one image, sorted: a ValueError (OpenCV's own refusal of the
+    bytes included) means the image cannot be read, NotExplainable passes, anything else is a
+    ModelFailure."""
+    try:
+        yield
+    except (ValueError, NotExplainable):
+        raise
+    except cv2.error as exc:
+        raise ValueError(str(exc).splitlines()[-1] if str(exc) else "unreadable") from exc
+    except Exception as exc:
+        raise ModelFailure(f"{type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -107,18 +123,12 @@ class ServingModel:
     def predict(self, image: bytes) -> Prediction:
         """Label and probability of one image (JPEG or PNG bytes). A ValueError means the model
         could not read the image; anything else is a ModelFailure."""
-        try:
+        with _model_errors():
             if self.fast is not None:
                 probability, film = self.fast(image)
             else:  # a version logged before classify() existed
                 row = self.model.predict(pd.DataFrame({"image": [image]})).iloc[0]
                 probability, film = float(row["probability"]), None
-        except ValueError:
-            raise
-        except cv2.error as exc:  # OpenCV's own refusal of the bytes
-            raise ValueError(str(exc).splitlines()[-1] if str(exc) else "unreadable") from exc
-        except Exception as exc:
-            raise ModelFailure(f"{type(exc).__name__}: {exc}") from exc
         return Prediction(
             self.label_of(probability), probability, self.version, self.threshold, film
         )
@@ -131,14 +141,8 @@ class ServingModel:
         """The occlusion map of one image under this version (`hm_mlflow.explain`). A
         ValueError means the image could not be read; NotExplainable, that this version cannot
         be explained; anything else is a ModelFailure."""
-        try:
+        with _model_errors():
             return occlusion(self.python_model, image)
-        except (ValueError, NotExplainable):
-            raise
-        except cv2.error as exc:
-            raise ValueError(str(exc).splitlines()[-1] if str(exc) else "unreadable") from exc
-        except Exception as exc:
-            raise ModelFailure(f"{type(exc).__name__}: {exc}") from exc
 
     def describe(self) -> dict:
         return {
