@@ -198,7 +198,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         return UploadError(503, message, "no_model")
 
     async def classify(
-        request: Request, file: UploadFile | None, work=None, pool: Executor | None = None
+        request: Request, file: UploadFile | None, work=_predict, pool: Executor | None = None
     ) -> tuple[CheckedImage, object, ServingModel]:
         """Check the upload from its header, reserve what its decode takes, then run `work`
         (serving model, image bytes) -> answer, by default the prediction, with the model read
@@ -226,7 +226,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         try:
             await file.seek(0)
             data = await file.read()
-            job = partial(_prepare_and_run, data, inspected, serving, work or _predict)
+            job = partial(_prepare_and_run, data, inspected, serving, work)
             if pool is None:
                 image, answer = await run_in_threadpool(job)
             else:

@@ -139,7 +139,6 @@
       const cell = row.querySelector(".answer");
       cell.className = "answer row-error";
       cell.textContent = error;
-      cell.colSpan = 1;
       row.classList.add("failed");
       return;
     }
