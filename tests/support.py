@@ -85,12 +85,16 @@ def start(
 
 def make_settings(tracking_uri: str, **overrides) -> Settings:
     """Settings for one test: its own model name, small CV, one augmented copy per image
-    (the defaults' four cost time and exercise nothing more), the given MLflow."""
+    (the defaults' four cost time and exercise nothing more), the given MLflow, and a state
+    folder of its own (its prediction log and kept films: never the checkout's .state/)."""
+    import tempfile
+
     values = {
         "model_name": f"cxr-{uuid.uuid4().hex[:8]}",
         "cv_folds": 3,
         "augment_copies": 1,
         "workers": 2,
+        "state_dir": Path(tempfile.mkdtemp(prefix="hm-test-state-")),
         "MLFLOW_TRACKING_URI": tracking_uri,
         **overrides,
     }
@@ -134,6 +138,7 @@ def serve(settings, tmp_path: Path, **env) -> tuple[str, subprocess.Popen]:
             "MLFLOW_TRACKING_URI": settings.tracking_uri,
             "HM_MODEL_NAME": settings.model_name,
             "HM_REFRESH_SECONDS": "1",
+            "HM_STATE_DIR": str(settings.state_dir),
             **env,
         },
     )

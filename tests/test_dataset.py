@@ -73,7 +73,7 @@ def test_manifest_has_relative_paths_and_hashes(tmp_path):
 
     table = manifest(samples, tmp_path, ["a" * 64, "b" * 64])
 
-    assert list(table.columns) == ["path", "label", "patient", "split", "sha256"]
+    assert list(table.columns) == ["path", "label", "patient", "split", "site", "sha256"]
     assert table["path"].tolist() == [
         "train/NORMAL/IM-0001-0001.jpeg",
         "train/PNEUMONIA/person1_virus_1.jpeg",

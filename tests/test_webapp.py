@@ -61,7 +61,8 @@ def test_api_answers_label_probability_and_model(webapp, trained, sample_root):
         response = post(webapp, sample.read_bytes(), sample.name)
         assert response.status_code == 200
         body = response.json()
-        assert set(body) == {"label", "probability", "threshold", "model"}
+        assert set(body) == {"prediction_id", "site", "label", "probability", "threshold", "model"}
+        assert len(body["prediction_id"]) == 32 and body["site"] == "default"
         assert body["label"] in ("NORMAL", "PNEUMONIA")
         assert 0.0 <= body["probability"] <= 1.0
         assert body["model"] == {"name": settings.model_name, "version": "1"}

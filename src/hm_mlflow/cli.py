@@ -109,6 +109,12 @@ def up() -> None:
     metavar="NAME=VALUE",
     help="Estimator hyper-parameter, e.g. --param C=0.1 (repeatable).",
 )
+@click.option(
+    "--no-feedback",
+    is_flag=True,
+    help="Leave out the films readers labelled (HM_PREDICTIONS_URI); by default they are "
+    "trained on, and each site's held-out films join the gate and the operating point.",
+)
 @plain_errors
 def train(
     data: str | None,
@@ -117,8 +123,10 @@ def train(
     if_no_production: bool,
     sample_if_empty: bool,
     params: tuple[str, ...],
+    no_feedback: bool = False,
 ) -> None:
-    """Train on DATA/train, log to MLflow, register, and promote if better."""
+    """Train on DATA/train (and the readers' labelled films), log to MLflow, register, and
+    promote if better."""
     _require_extra("train", "matplotlib", "mlflow.data")
     parsed = _parse_params(params)
     from hm_mlflow.interrupt import INTERRUPTED, stop_on_signals
@@ -133,7 +141,14 @@ def train(
     stop_on_signals()  # Ctrl-C or SIGTERM: the run is marked KILLED, nothing is half-written
     try:
         data = training_data(data, settings, sample_if_empty)
-        result = run_training(data, settings, force=force, promote=not no_promote, params=parsed)
+        result = run_training(
+            data,
+            settings,
+            force=force,
+            promote=not no_promote,
+            params=parsed,
+            feedback=not no_feedback,
+        )
     except BaseException as exc:
         if INTERRUPTED.is_set():  # whatever broke after a stop signal broke because of it
             click.echo(
@@ -146,7 +161,7 @@ def train(
     shown = {
         k: round(v, 4)
         for k, v in result.metrics.items()
-        if k.startswith(("cv_oof_", "val_", "test_"))
+        if k.startswith(("cv_oof_", "val_", "test_", "site_"))
     }
     summary = {
         "run_id": result.run_id,
@@ -367,6 +382,193 @@ def sample(out: Path | None, n_train: int | None, seed: int | None) -> None:
         settings.seed if seed is None else seed,
     )
     click.echo(str(root))
+
+
+# --- the loop: reviewers, monitoring, the challenger ---------------------------------------------
+
+
+def _prediction_log(settings: Settings):
+    from hm_mlflow.monitoring.store import PredictionLog
+
+    return PredictionLog(settings.prediction_log_uri)
+
+
+def log_errors(command):
+    """A prediction log that cannot be reached, or a bad name, as one line."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from hm_mlflow.monitoring.store import LogUnavailable
+
+        try:
+            return command(*args, **kwargs)
+        except (SQLAlchemyError, LogUnavailable) as exc:
+            detail = str(exc).splitlines()[0]
+            raise click.ClickException(f"the prediction log cannot be used: {detail}") from exc
+        except (ValueError, FileExistsError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+@cli.group("predictions-db")
+def predictions_db() -> None:
+    """The prediction log's database (HM_PREDICTIONS_URI)."""
+
+
+@predictions_db.command("init")
+@click.option(
+    "--admin-uri",
+    envvar="HM_PREDICTIONS_ADMIN_URI",
+    default=None,
+    help="A PostgreSQL administrator's URI (e.g. MLflow's backend store) to create the "
+    "role and the database with [env: HM_PREDICTIONS_ADMIN_URI]; without it, only the tables.",
+)
+@log_errors
+def predictions_db_init(admin_uri: str | None) -> None:
+    """Create the prediction log's database, role and tables where they are missing."""
+    from hm_mlflow.monitoring.store import describe, provision
+
+    settings = get_settings()
+    uri = settings.prediction_log_uri
+    if admin_uri:
+        done = provision(admin_uri, uri)
+    else:
+        _prediction_log(settings).create()
+        done = ["tables ready"]
+    click.echo(f"prediction log {describe(uri)}: {'; '.join(done)}")
+
+
+@cli.group()
+def reviewer() -> None:
+    """Readers who may label answers (POST /api/feedback with their token)."""
+
+
+@reviewer.command("add")
+@click.argument("name")
+@click.option("--replace", is_flag=True, help="Give an existing reviewer a new token.")
+@click.option(
+    "--token-hash",
+    default=None,
+    help="Store this SHA-256 of a token made elsewhere instead of making one "
+    "(hm-mlflow cloud reviewer add does).",
+)
+@log_errors
+def reviewer_add(name: str, replace: bool, token_hash: str | None) -> None:
+    """Make reviewer NAME and print their token (only its hash is stored)."""
+    from hm_mlflow.monitoring import reviewers
+
+    store = _prediction_log(get_settings())
+    if token_hash:
+        reviewers.add_hash(store, name, token_hash, replace)
+        click.echo(f"Reviewer {name} added.")
+        return
+    token = reviewers.add(store, name, replace)
+    click.echo(f"Reviewer {name} added. Their token (shown once, keep it secret):", err=True)
+    click.echo(token)
+
+
+@reviewer.command("revoke")
+@click.argument("name")
+@log_errors
+def reviewer_revoke(name: str) -> None:
+    """End every token of reviewer NAME at once."""
+    revoked = _prediction_log(get_settings()).revoke_reviewer(name)
+    if not revoked:
+        raise click.ClickException(f"no active reviewer named {name!r}")
+    click.echo(f"Reviewer {name}: {revoked} token(s) revoked.")
+
+
+@reviewer.command("list")
+@log_errors
+def reviewer_list() -> None:
+    """The reviewers, active and revoked."""
+    for row in _prediction_log(get_settings()).list_reviewers():
+        state = f"revoked {row['revoked_at']:%Y-%m-%d %H:%M}" if row["revoked_at"] else "active"
+        click.echo(f"{row['name']:<24} added {row['created_at']:%Y-%m-%d %H:%M}  {state}")
+
+
+@cli.command()
+@click.option(
+    "--retrain-on-drift",
+    is_flag=True,
+    help="Start a training when a site drifts or its live sensitivity is under the floor "
+    "(HM_RETRAIN_TARGET: here, or the ECS training task).",
+)
+@click.option(
+    "--every",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Run again every SECONDS until stopped (compose's monitor service).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@plain_errors
+@log_errors
+def monitor(retrain_on_drift: bool, every: float | None, as_json: bool) -> None:
+    """Log how each version does in service to MLflow; with --retrain-on-drift, retrain."""
+    from hm_mlflow.monitoring.monitor import run
+
+    settings = get_settings()
+    while True:
+        started = time.monotonic()
+        result = run(settings, retrain_on_drift, echo=lambda line: click.echo(line, err=True))
+        if as_json:
+            click.echo(json.dumps(result.report, default=str))
+        else:
+            _show_report(result.report)
+            for version, run_id in result.runs.items():
+                click.echo(f"version {version}: monitoring run {run_id}")
+        if every is None:
+            return
+        time.sleep(max(0.0, every - (time.monotonic() - started)))
+
+
+def _show_report(report: dict) -> None:
+    click.echo(
+        f"{report['model']}: production {report['production'] or '-'}, "
+        f"challenger {report['challenger'] or '-'}"
+    )
+    for site in report["sites"]:
+        drift = site["drift"] or {}
+        click.echo(
+            f"  {site['site']}: {site['films']} films, {site['labelled']} labelled; "
+            f"{drift.get('message', 'no drift test')}"
+        )
+        for entry in site["versions"]:
+            rates = entry["labelled"]
+            shown = ", ".join(
+                f"{name} {rates[name]['value']:.3f}"
+                for name in ("sensitivity", "specificity", "roc_auc")
+                if rates[name]["value"] is not None
+            )
+            click.echo(
+                f"    version {entry['version']}: {entry['films']} films, "
+                f"{rates['n']} labelled{': ' + shown if shown else ''}"
+            )
+
+
+@cli.command()
+@click.argument("alias", default="challenger")
+@click.option("--force", is_flag=True, help="Promote whatever the gate says, and say so.")
+@plain_errors
+@log_errors
+def promote(alias: str, force: bool) -> None:
+    """Move the Production alias to the version holding ALIAS, through the promotion gate."""
+    from hm_mlflow.monitoring.challenger import NoChallenger
+    from hm_mlflow.monitoring.challenger import promote as run_gate
+
+    settings = get_settings()
+    try:
+        version, decision = run_gate(settings, alias, force)
+    except NoChallenger as exc:
+        raise click.ClickException(str(exc)) from exc
+    verdict = "promoted" if decision.promote else "not promoted"
+    click.echo(f"{settings.model_name} version {version}: {verdict} ({decision.reason})")
+    if not decision.promote:
+        sys.exit(1)
 
 
 # --- hm-mlflow cloud ----------------------------------------------------------------------------

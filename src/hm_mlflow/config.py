@@ -75,6 +75,56 @@ class Settings(BaseSettings):
     # AWS), so that it never reuses a connection the server is closing.
     keep_alive_seconds: int = Field(75, gt=0)
 
+    # The loop in service (hm_mlflow.monitoring): every answer recorded, films kept for the
+    # readers, their labels, drift, the challenger in shadow
+    record_predictions: bool = Field(True, description="write every answer to the log")
+    predictions_uri: str | None = Field(
+        None,
+        description="the prediction log: sqlite:///... or postgresql://...; unset: "
+        "HM_PREDICTIONS_DB_* parts, else SQLite in the state folder",
+    )
+    # The same, in parts (the AWS task definitions: the password is an ECS secret)
+    predictions_db_host: str | None = None
+    predictions_db_port: int = 5432
+    predictions_db_name: str = "predictions"
+    predictions_db_user: str = "predictions"
+    predictions_db_password: str = ""
+    predictions_db_sslmode: str | None = None
+    feedback_uri: str | None = Field(
+        None,
+        description="where films are kept for labelling: a folder or s3://bucket/prefix; "
+        "unset: HM_STATE_DIR/feedback",
+    )
+    keep_films: bool = Field(True, description="keep each answered film (no DICOM, no metadata)")
+    log_queue: int = Field(10_000, ge=1, description="answers waiting to be written, per worker")
+    film_queue_mb: float = Field(64.0, gt=0, description="films waiting to be stored, per worker")
+    challenger_alias: str = "challenger"
+    shadow: bool = Field(True, description="score each film with the challenger too, off-path")
+    monitoring_experiment: str = "chest-xray-monitoring"
+    monitor_cache_seconds: float = Field(30.0, ge=0, description="age of /api/monitoring's figures")
+    drift_window: int = Field(500, ge=10, description="a site's most recent films drift is run on")
+    drift_min_films: int = Field(30, ge=5, description="films a site needs before a verdict")
+    drift_alpha: float = Field(0.01, gt=0, lt=1, description="significance of both drift tests")
+    drift_min_auc: float = Field(
+        0.6, ge=0.5, le=1.0, description="domain classifier AUC below which there is no drift"
+    )
+    min_site_labels: int = Field(
+        20, ge=2, description="labelled films a site needs for its own sensitivity floor"
+    )
+    feedback_holdout: float = Field(
+        0.3, gt=0, lt=1, description="share of each site's labelled films never trained on"
+    )
+    retrain_target: Literal["local", "ecs"] = Field(
+        "local", description="where `monitor --retrain-on-drift` trains: here, or an ECS task"
+    )
+    retrain_cooldown_hours: float = Field(24.0, ge=0)
+    # The ECS training task the monitor starts on AWS (infra/monitor.tf sets them)
+    retrain_ecs_cluster: str | None = None
+    retrain_ecs_task: str | None = None
+    retrain_ecs_container: str = "model-training"
+    retrain_ecs_subnets: str = ""
+    retrain_ecs_security_group: str | None = None
+
     @field_validator("promotion_metric")
     @classmethod
     def _known_metric(cls, value: str) -> str:
@@ -101,6 +151,34 @@ class Settings(BaseSettings):
     @property
     def model_uri(self) -> str:
         return f"models:/{self.model_name}@{self.model_alias}"
+
+    @property
+    def challenger_uri(self) -> str:
+        return f"models:/{self.model_name}@{self.challenger_alias}"
+
+    @property
+    def prediction_log_uri(self) -> str:
+        """HM_PREDICTIONS_URI; else a PostgreSQL URI from the HM_PREDICTIONS_DB_* parts (the
+        password percent-encoded); else SQLite in the state folder."""
+        if self.predictions_uri:
+            return self.predictions_uri
+        if self.predictions_db_host:
+            from urllib.parse import quote
+
+            uri = (
+                f"postgresql+psycopg2://{quote(self.predictions_db_user, safe='')}:"
+                f"{quote(self.predictions_db_password, safe='')}@{self.predictions_db_host}:"
+                f"{self.predictions_db_port}/{self.predictions_db_name}"
+            )
+            return uri + (
+                f"?sslmode={self.predictions_db_sslmode}" if self.predictions_db_sslmode else ""
+            )
+        return f"sqlite:///{(self.state_dir / 'predictions.db').resolve()}"
+
+    @property
+    def film_store_uri(self) -> str:
+        """HM_FEEDBACK_URI, else the state folder's feedback/."""
+        return self.feedback_uri or str((self.state_dir / "feedback").resolve())
 
     @property
     def max_upload_bytes(self) -> int:

@@ -48,6 +48,7 @@ class Sample:
     label: int  # index into LABELS: 0 NORMAL, 1 PNEUMONIA
     patient: str
     split: str
+    site: str | None = None  # a readers' film (hm_mlflow.monitoring.feedback): its site
 
     @property
     def label_name(self) -> str:
@@ -137,7 +138,8 @@ def is_synthetic(root: str | Path) -> bool:
 
 
 def manifest(samples: list[Sample], root: str | Path, sha256: list[str]) -> pd.DataFrame:
-    """One row per image: location relative to `root`, label, patient, split, content hash.
+    """One row per image: location relative to `root` (a readers' film: where it is kept),
+    label, patient, split, site (readers' films only), content hash.
 
     Logged with each training run; its digest identifies the exact data a model saw.
     """
@@ -148,11 +150,12 @@ def manifest(samples: list[Sample], root: str | Path, sha256: list[str]) -> pd.D
             "label": sample.label_name,
             "patient": sample.patient,
             "split": sample.split,
+            "site": sample.site or "",
             "sha256": digest,
         }
         for sample, digest in zip(samples, sha256, strict=True)
     ]
-    return pd.DataFrame(rows, columns=["path", "label", "patient", "split", "sha256"])
+    return pd.DataFrame(rows, columns=["path", "label", "patient", "split", "site", "sha256"])
 
 
 # --- S3 ---------------------------------------------------------------------------------

@@ -38,7 +38,14 @@ def evaluate_model(
 ) -> dict[str, float | int | str | None]:
     """`binary_metrics` of the model at `model_uri` on `data_root/split`, at its own threshold,
     with the `digest` of the images scored."""
-    samples = require_split(data_root, split)
+    return evaluate_samples(model_uri, require_split(data_root, split), progress)
+
+
+def evaluate_samples(
+    model_uri: str, samples: list[Sample], progress: bool = True
+) -> dict[str, float | int | str | None]:
+    """`binary_metrics` of the model at `model_uri` on `samples`, at its own threshold, with
+    the `digest` of the images scored."""
     model = mlflow.pyfunc.load_model(model_uri)
     probability, digest = predict_samples(model, samples, progress)
     y = np.array([s.label for s in samples])

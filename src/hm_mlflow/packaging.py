@@ -17,6 +17,8 @@ from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from hm_mlflow import LABELS, features
+from hm_mlflow.monitoring.reference import Reference
+from hm_mlflow.monitoring.reference import save as save_reference
 from hm_mlflow.synthetic import make_film
 
 MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -52,20 +54,28 @@ def input_example() -> pd.DataFrame:
 
 
 def log_model(
-    estimator, threshold: float, config: dict, registered_model_name: str | None = None
+    estimator,
+    threshold: float,
+    config: dict,
+    registered_model_name: str | None = None,
+    reference: Reference | None = None,
 ) -> ModelInfo:
     """Log `estimator` with this package's features.py and model code, in the active run.
 
     `config` (training date, data digest, synthetic flag, ...) is stored in the model beside the
-    threshold and labels, so whoever serves the model can show where it came from.
+    threshold and labels, so whoever serves the model can show where it came from. `reference`
+    (the training films' summaries, hm_mlflow.monitoring.reference) goes with it for drift.
     """
     with tempfile.TemporaryDirectory() as tmp:
         estimator_path = Path(tmp) / "estimator.skops"
         skops.io.dump(estimator, estimator_path, compression=zipfile.ZIP_DEFLATED)
+        artifacts = {"features": str(FEATURES_CODE), "estimator": str(estimator_path)}
+        if reference is not None:
+            artifacts["reference"] = str(save_reference(reference, Path(tmp) / "reference.npz"))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
-            artifacts={"features": str(FEATURES_CODE), "estimator": str(estimator_path)},
+            artifacts=artifacts,
             model_config={
                 **config,
                 "threshold": float(threshold),
@@ -102,6 +112,17 @@ def checksum_mismatches(directory: str | Path, recorded: dict[str, str]) -> list
     changed = [name for name, digest in recorded.items() if found.get(name) != digest]
     added = [name for name in found if name not in recorded]
     return sorted(changed + added)
+
+
+def recorded_checksums(version) -> dict[str, str] | None:
+    """The checksums a registered version was tagged with at registration, or None."""
+    import json
+
+    raw = (version.tags or {}).get(CHECKSUMS_TAG)
+    try:
+        return json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return None
 
 
 def record_checksums(model_uri: str, name: str, version: str, client) -> dict[str, str]:

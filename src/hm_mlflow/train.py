@@ -2,6 +2,11 @@
 
 features -> grouped cross-validation -> threshold -> final fit -> logged model -> held-out
 evaluation through the logged model -> registered version -> promotion gate.
+
+With the readers' labels (hm_mlflow.monitoring.feedback, on by default in `hm-mlflow train`),
+the labelled films join the training films, and each site's held-out films join the gate's
+comparison and the operating point: the sensitivity floor holds on every site with at least
+HM_MIN_SITE_LABELS held-out films.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ from hm_mlflow.dataset import (
     require_split,
     synthetic_info,
 )
-from hm_mlflow.evaluate import evaluate_model
+from hm_mlflow.evaluate import evaluate_model, evaluate_samples
 from hm_mlflow.metrics import METRIC_NAMES, binary_metrics, is_number
+from hm_mlflow.monitoring import feedback as readers
+from hm_mlflow.monitoring.feedback import EMPTY, FeedbackSet
+from hm_mlflow.monitoring.reference import build as build_reference
 from hm_mlflow.packaging import log_model, record_checksums
 from hm_mlflow.registry import Decision, Registry, decide
 from hm_mlflow.shifts import PANEL
@@ -174,10 +182,17 @@ class Prepared:
     synthetic: bool
     params: dict
     unreadable: list[str] = field(default_factory=list)  # skipped, named in the run
+    feedback: FeedbackSet = EMPTY  # the readers' films: some trained on, the rest held out
+    holdout: list[Sample] = field(default_factory=list)  # the held-out readers' films, readable
+    X_holdout: np.ndarray | None = None  # their features (as served)
 
     @property
     def y(self) -> np.ndarray:
         return self.data.y
+
+    @property
+    def y_holdout(self) -> np.ndarray:
+        return np.array([s.label for s in self.holdout], dtype=int)
 
 
 @dataclass
@@ -193,12 +208,19 @@ class CrossValidated:
 
 
 def prepare(
-    data_root: str | Path, settings: Settings, params: dict | None = None, progress: bool = True
+    data_root: str | Path,
+    settings: Settings,
+    params: dict | None = None,
+    progress: bool = True,
+    feedback: FeedbackSet | None = None,
 ) -> Prepared:
     """List `data_root/train` (a folder or an s3:// prefix) and extract the features of every
-    image and of its augmented copies (with a progress bar)."""
+    image and of its augmented copies (with a progress bar); with `feedback`, of the readers'
+    films too (those held out: as served only)."""
     data_root = str(data_root)
-    samples = require_split(data_root, "train")
+    feedback = feedback or EMPTY
+    own = require_split(data_root, "train")
+    samples = own + feedback.train
     y = np.array([s.label for s in samples])
     if len(np.unique(y)) < 2:
         raise DataError(
@@ -210,16 +232,27 @@ def prepare(
     )
     X = extracted.X
     readable = ~np.isnan(X).any(axis=1)
-    unreadable = [samples[i].location for i in np.flatnonzero(~readable)]
-    if unreadable:
-        names = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
-        if len(unreadable) > MAX_UNREADABLE * len(samples):
+    bad = np.flatnonzero(~readable)
+    unreadable = [samples[i].location for i in bad]
+    own_unreadable = [samples[i].location for i in bad if i < len(own)]  # not readers' films
+    if own_unreadable:
+        names = ", ".join(own_unreadable[:5]) + (" ..." if len(own_unreadable) > 5 else "")
+        if len(own_unreadable) > MAX_UNREADABLE * len(own):
             raise DataError(
-                f"{len(unreadable)} of {len(samples)} training images cannot be read "
+                f"{len(own_unreadable)} of {len(own)} training images cannot be read "
                 f"(more than {MAX_UNREADABLE:.0%}): {names}"
             )
+    if unreadable:
+        names = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
         log.warning("skipping %d unreadable training images: %s", len(unreadable), names)
     keep = np.flatnonzero(readable)
+    holdout, X_holdout = [], None
+    if feedback.holdout:
+        held = extract_features(feedback.holdout, settings.n_workers, progress=False)
+        ok = ~np.isnan(held.X).any(axis=1)
+        unreadable += [feedback.holdout[i].location for i in np.flatnonzero(~ok)]
+        holdout = [feedback.holdout[i] for i in np.flatnonzero(ok)]
+        X_holdout = held.X[ok]
     return Prepared(
         data_root=data_root,
         samples=[samples[i] for i in keep],
@@ -229,6 +262,9 @@ def prepare(
         synthetic=is_synthetic(data_root),
         params={**modeling.DEFAULT_PARAMS, **(params or {})},
         unreadable=unreadable,
+        feedback=feedback,
+        holdout=holdout,
+        X_holdout=X_holdout,
     )
 
 
@@ -276,15 +312,43 @@ def train(
     promote: bool = True,
     params: dict | None = None,
     progress: bool = True,
+    feedback: bool = False,
 ) -> TrainResult:
     """Train on `data_root/train` (a folder or an s3:// prefix), log the run, register a version
-    and run the promotion gate: `prepare`, `cross_validate`, `register` in turn."""
+    and run the promotion gate: `prepare`, `cross_validate`, `register` in turn. With
+    `feedback`, the readers' labelled films of the prediction log (HM_PREDICTIONS_URI) too."""
     require_server(settings.tracking_uri)
-    prepared = prepare(data_root, settings, params, progress)
+    readers_films = None
+    if feedback:
+        # A film of the split the gate scores is never trained on, whoever labelled it.
+        split = gate_split(str(data_root))
+        judged = {
+            hashlib.sha256(s.read_bytes()).hexdigest()
+            for s in _split_samples(str(data_root), split)
+        }
+        readers_films = labelled_films(settings).without(judged)
+    prepared = prepare(data_root, settings, params, progress, readers_films)
     interrupt.check()
     validated = cross_validate(prepared, settings)
     interrupt.check()
     return register(prepared, validated, settings, force=force, promote=promote, progress=progress)
+
+
+def labelled_films(settings: Settings) -> FeedbackSet:
+    """The readers' labelled films in the prediction log, split by the fixed rule; a log that
+    cannot be read stops training (training without them is `--no-feedback`)."""
+    from hm_mlflow.monitoring.store import PredictionLog, describe
+
+    try:
+        return readers.collect(
+            PredictionLog(settings.prediction_log_uri), settings.feedback_holdout
+        )
+    except Exception as exc:
+        raise DataError(
+            f"the prediction log at {describe(settings.prediction_log_uri)} cannot be read "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]}); train with --no-feedback to "
+            "leave the readers' labels out"
+        ) from exc
 
 
 def register(
@@ -349,6 +413,10 @@ def _record_run(
     if prepared.unreadable:
         mlflow.log_dict({"unreadable": prepared.unreadable}, "data/unreadable.json")
     mlflow.log_dict({"threshold": threshold, "shifts": validated.per_shift}, "transfer/shifts.json")
+    readers_films = prepared.feedback
+    if readers_films.films:
+        held = manifest(prepared.holdout, data_root, [""] * len(prepared.holdout))
+        mlflow.log_table(held, "data/feedback_holdout.json")
     mlflow.set_tags({"hm.synthetic": str(synthetic).lower(), "hm.data_root": str(data_root)})
     if synthetic:
         mlflow.set_tag("hm.synthetic_generator", str(synthetic_info(data_root)))
@@ -376,6 +444,16 @@ def _record_run(
             "data.n_normal": int((y == 0).sum()),
             "data.n_pneumonia": int((y == 1).sum()),
             "data.digest": dataset.digest,
+            "feedback.n_train": len(readers_films.train),
+            "feedback.n_holdout": len(readers_films.holdout),
+            "feedback.not_kept": readers_films.not_kept,
+            "feedback.in_gate_split": readers_films.in_split,
+            "feedback.sites": ",".join(
+                f"{site}:{n['train']}+{n['holdout']}" for site, n in readers_films.sites.items()
+            )
+            or "none",
+            "feedback.rule": readers_films.rule if readers_films.films else "none",
+            "feedback.digest": readers_films.digest() if readers_films.films else "none",
         }
     )
     for figure, name in (
@@ -393,13 +471,20 @@ def _record_run(
     estimator = modeling.fit_calibrated(
         prepared.data, params=params, n_folds=settings.cv_folds, seed=settings.seed
     )
+    threshold, site_metrics = _site_floors(estimator, prepared, threshold, settings)
+    metrics.update(site_metrics)
+    metrics["threshold"] = threshold
     config = {
         "trained_at": started.isoformat(timespec="seconds"),
         "synthetic": synthetic,
         "data_digest": dataset.digest,
         "run_id": run.info.run_id,
     }
-    info = log_model(estimator, threshold, config, registered_model_name=settings.model_name)
+    # What this version saw: drift in service is measured against it (hm_mlflow.monitoring).
+    reference = build_reference(X, validated.cv.probability, y, settings.seed)
+    info = log_model(
+        estimator, threshold, config, registered_model_name=settings.model_name, reference=reference
+    )
     version = str(info.registered_model_version)
     registry = Registry(settings.model_name, settings.model_alias)
     # A model is code the webapp will run: its files' checksums, recorded now, are checked
@@ -427,8 +512,15 @@ def _record_run(
     comparison = Comparison(split=gate_split(data_root), candidate=None, incumbent=None)
     gate_tags: dict[str, str] = {}
     if promote:
-        decision, comparison, gate_tags = _gate(
-            registry, holdout, data_root, synthetic, info.model_uri, settings, force
+        decision, comparison, gate_tags = gate(
+            registry,
+            holdout,
+            data_root,
+            synthetic,
+            info.model_uri,
+            settings,
+            force,
+            prepared.holdout,
         )
     else:
         decision = Decision(False, "promotion not requested (--no-promote)")
@@ -458,6 +550,34 @@ def _record_run(
     )
 
 
+def _site_floors(
+    estimator, prepared: Prepared, threshold: float, settings: Settings
+) -> tuple[float, dict[str, float]]:
+    """The operating point lowered, where needed, so that the sensitivity floor also holds on
+    each site's held-out films (sites with at least HM_MIN_SITE_LABELS of them, both classes
+    among them), and the final model's metrics there, as `site_<site>_*`."""
+    if not prepared.holdout:
+        return threshold, {}
+    probability = estimator.predict_proba(prepared.X_holdout)[:, 1]
+    sites = np.array([s.site for s in prepared.holdout])
+    y = prepared.y_holdout
+    found: dict[str, float] = {"threshold_cv_panel": threshold}
+    for site in sorted(set(sites)):
+        mine = sites == site
+        if mine.sum() >= settings.min_site_labels and len(np.unique(y[mine])) == 2:
+            floor = modeling.choose_threshold(
+                y[mine], probability[mine], settings.sensitivity_floor
+            )
+            found[f"threshold_site_{site}"] = floor
+            threshold = min(threshold, floor)
+    for site in sorted(set(sites)):
+        mine = sites == site
+        scored = binary_metrics(y[mine], probability[mine], threshold)
+        found[f"site_{site}_n_holdout"] = int(mine.sum())
+        found.update({f"site_{site}_{k}": scored[k] for k in METRIC_NAMES if scored[k] is not None})
+    return threshold, found
+
+
 def _provenance(registry: Registry, version) -> tuple[bool, str | None]:
     """(trained on synthetic images?, its data root) of a registered version: from the version's
     tags, else from its run's."""
@@ -470,7 +590,7 @@ def _provenance(registry: Registry, version) -> tuple[bool, str | None]:
     return tags.get("hm.synthetic") == "true", tags.get("hm.data_root")
 
 
-def _gate(
+def gate(
     registry: Registry,
     holdout: dict,
     data_root: str,
@@ -478,24 +598,30 @@ def _gate(
     candidate_uri: str,
     settings: Settings,
     force: bool,
+    sites: list[Sample] | None = None,
 ) -> tuple[Decision, Comparison, dict[str, str]]:
     """Compare the candidate with the current Production version on the same held-out images,
     failing closed. When the incumbent was trained on real X-rays, the comparison is on real
     held-out images: the candidate's own split if its data is real, else the incumbent's.
-    The incumbent's figures are logged to the run as `gate_incumbent_*`; the returned tags
-    (both scores, the split, its size and digest) go on the run and the version."""
+    `sites`, the readers' films held out of training, join that split. The incumbent's figures
+    are logged to the run as `gate_incumbent_*`; the returned tags (both scores, the split, its
+    size and digest) go on the run and the version."""
     metric = settings.promotion_metric
+    sites = sites or []
     current = registry.production()
     if current is None:
         split = gate_split(data_root)
         candidate = holdout.get(split) if split else None
+        if sites:
+            candidate = evaluate_samples(candidate_uri, _split_samples(data_root, split) + sites)
+        where = _where(split, data_root, sites)
         decision = decide(candidate, None, metric=metric, margin=0.0, incumbent_version=None)
-        tags = _gate_tags(metric, f"{split} of {data_root}" if split else "none", candidate, None)
+        tags = _gate_tags(metric, where, candidate, None)
         return decision, Comparison(split, candidate, None), tags
 
     incumbent_synthetic, incumbent_root = _provenance(registry, current)
     root, split, error = data_root, gate_split(data_root), None
-    if not incumbent_synthetic and (synthetic or split is None):
+    if not incumbent_synthetic and (synthetic or (split is None and not sites)):
         root = incumbent_root or ""
         try:
             split = gate_split(root) if root else None
@@ -504,13 +630,14 @@ def _gate(
         if split is None and error is None:
             error = f"it names no real held-out images to compare on (data root {root!r})"
     candidate = incumbent = None
-    if split is not None:
-        candidate = holdout.get(split) if root == data_root else None
+    if split is not None or (sites and error is None):
         try:
+            films = _split_samples(root, split) + sites
+            candidate = holdout.get(split) if root == data_root and not sites else None
             if candidate is None:
-                candidate = evaluate_model(candidate_uri, root, split, progress=False)
-            incumbent = evaluate_model(
-                f"models:/{registry.name}/{current.version}", root, split, progress=False
+                candidate = evaluate_samples(candidate_uri, films, progress=False)
+            incumbent = evaluate_samples(
+                f"models:/{registry.name}/{current.version}", films, progress=False
             )
         except Exception as exc:  # a transient artifact or S3 error: the gate fails closed
             error = f"{type(exc).__name__}: {exc}"
@@ -522,7 +649,7 @@ def _gate(
                 if k in METRIC_NAMES and v is not None
             }
         )
-    where = f"{split} of {root}" if split else "none"
+    where = _where(split, root, sites)
     decision = decide(
         candidate,
         incumbent,
@@ -533,13 +660,33 @@ def _gate(
         incumbent_error=error,
         candidate_synthetic=synthetic,
         incumbent_synthetic=incumbent_synthetic,
-        split=f"the {where} split" if split else "no split",
+        split=_phrase(split, root, sites),
     )
     tags = {
         **_gate_tags(metric, where, candidate, incumbent),
         "gate.incumbent_version": str(current.version),
     }
     return decision, Comparison(split, candidate, incumbent, str(current.version)), tags
+
+
+def _split_samples(root: str, split: str | None) -> list[Sample]:
+    return list_split(root, split) if split else []
+
+
+def _sites_text(sites: list[Sample]) -> list[str]:
+    names = ", ".join(sorted({s.site for s in sites}))
+    return [f"{len(sites)} readers' films held out at {names}"] if sites else []
+
+
+def _where(split: str | None, root: str, sites: list[Sample]) -> str:
+    """The films a gate compared on, for its tags: 'test of ROOT + 25 readers' films ...'."""
+    return " + ".join(([f"{split} of {root}"] if split else []) + _sites_text(sites)) or "none"
+
+
+def _phrase(split: str | None, root: str, sites: list[Sample]) -> str:
+    """The same, for the gate's reason: 'the test of ROOT split and 25 readers' films ...'."""
+    parts = ([f"the {split} of {root} split"] if split else []) + _sites_text(sites)
+    return " and ".join(parts) or "no split"
 
 
 def _gate_tags(metric: str, where: str, candidate: dict | None, incumbent: dict | None) -> dict:

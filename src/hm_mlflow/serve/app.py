@@ -2,13 +2,17 @@
 
 Routes stay thin: checks live in `uploads`, limits in `limits`, the model in `model_holder`,
 logs and metrics in `observability`. The model does its own preprocessing, so this module never
-touches features. Every refusal is a 4xx or a 503 with a sentence; nothing a client sends makes
-a 500 or reaches a stack trace.
+touches features. Every answer gets a prediction id and is recorded off the request path
+(hm_mlflow.monitoring.recorder), with the client's site (form field `site` or header `X-Site`),
+and the challenger scores the film in shadow (hm_mlflow.serve.shadow). Every refusal is a 4xx
+or a 503 with a sentence; nothing a client sends makes a 500 or reaches a stack trace.
 
     GET  /              upload page
     POST /              the page with the answer
     POST /api/predict   JSON answer for programs (?thumbnail=true adds the film as a PNG)
     POST /api/explain   where the model looked: occlusion map as numbers and a PNG overlay
+    POST /api/feedback  a reader's label for an answer (hm_mlflow.serve.loop)
+    GET  /api/monitoring, /monitoring   live metrics and drift per site (hm_mlflow.serve.loop)
     GET  /health        liveness: ok or degraded, the model in service (no URI, no error text)
     GET  /ready         200 once a model is loaded, else 503
     GET  /metrics       Prometheus
@@ -19,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import os
-import threading
+import uuid
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -31,7 +37,7 @@ from typing import Annotated
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -41,7 +47,16 @@ from starlette.concurrency import run_in_threadpool
 from hm_mlflow import __version__
 from hm_mlflow.config import Settings, get_settings
 from hm_mlflow.explain import CAPTION, Explanation, NotExplainable
-from hm_mlflow.serve.limits import Admission, BodyLimit, return_freed_buffers_to_the_system
+from hm_mlflow.monitoring.films import FilmStore
+from hm_mlflow.monitoring.recorder import Film, Recorder
+from hm_mlflow.monitoring.store import PredictionLog, Record, check_site, now
+from hm_mlflow.serve.limits import (
+    Admission,
+    BodyLimit,
+    lower_priority,
+    return_freed_buffers_to_the_system,
+)
+from hm_mlflow.serve.loop import loop_routes
 from hm_mlflow.serve.model_holder import (
     WITHDRAWN,
     ModelFailure,
@@ -50,6 +65,7 @@ from hm_mlflow.serve.model_holder import (
     ServingModel,
 )
 from hm_mlflow.serve.observability import AccessLog, Metrics, configure_logging
+from hm_mlflow.serve.shadow import Shadow
 from hm_mlflow.serve.uploads import (
     ACCEPTED,
     HEAD_BYTES,
@@ -64,6 +80,8 @@ from hm_mlflow.serve.uploads import (
 
 log = logging.getLogger(__name__)
 Upload = Annotated[UploadFile | None, File(description=f"the chest X-ray: {ACCEPTED}")]
+SiteField = Annotated[str | None, Form(description="the site the film comes from")]
+SiteHeader = Annotated[str | None, Header(alias="X-Site", description="or the site, as a header")]
 HERE = Path(__file__).parent
 THUMBNAIL = 320
 NO_MODEL = (
@@ -86,7 +104,7 @@ MAX_EXPLAINS_WAITING = 2
 MODEL_FAILED = "The model failed on this image; try again, or try another image."
 
 
-async def _refresh_loop(holder: ModelHolder, seconds: float, metrics: Metrics) -> None:
+async def _refresh_loop(holder: ModelHolder, seconds: float, on_refresh=None) -> None:
     """Follow the registry alias; look more often while there is nothing to serve."""
     while True:
         try:
@@ -94,8 +112,21 @@ async def _refresh_loop(holder: ModelHolder, seconds: float, metrics: Metrics) -
         except Exception:  # never let the loop die
             log.exception("model refresh failed")
         current = holder.current
-        metrics.serving(current.version if current else None)
+        if on_refresh is not None:
+            on_refresh(current.version if current else None)
         await asyncio.sleep(seconds if current else min(seconds, 5.0))
+
+
+@dataclass(frozen=True)
+class Classified:
+    """One upload through the checks and the model: what the answer and the log need."""
+
+    image: CheckedImage
+    answer: object  # the work's result: a Prediction, or (Explanation, summary)
+    serving: ServingModel
+    upload: bytes  # as it arrived
+    sha256: str  # of the upload
+    cost: int  # its upload + decode bytes, as admitted
 
 
 def _readable_time(iso: str) -> str:
@@ -111,17 +142,15 @@ def _predict(serving: ServingModel, data: bytes) -> Prediction:
     return serving.predict(data)
 
 
+def _explain_and_summarise(serving: ServingModel, data: bytes):
+    """The occlusion map, and the film's summary for the prediction log."""
+    return serving.explain(data), serving.predict(data).summary
+
+
 def _run_date(serving: ServingModel) -> dict:
     """The training date from the model card when the model's own config has none (the
     bundled model's)."""
     return {"trained_at": serving.trained_at or serving.about.get("trained_at")}
-
-
-def _lower_priority() -> None:
-    """Run this thread (the occlusion maps') at a lower scheduling priority than the
-    predictions: on Linux a thread's nice value is its own."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _thumbnail(prediction: Prediction, image: CheckedImage) -> str:
@@ -136,7 +165,13 @@ def _thumbnail(prediction: Prediction, image: CheckedImage) -> str:
     return "data:image/png;base64," + base64.b64encode(encoded).decode()
 
 
-def create_app(settings: Settings | None = None, holder: ModelHolder | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    holder: ModelHolder | None = None,
+    challenger: ModelHolder | bool | None = None,
+) -> FastAPI:
+    """The webapp. `holder` and `challenger` (the challenger alias's holder; False for none)
+    default to ones that follow the registry."""
     settings = settings or get_settings()
     # A registry that hangs must not hold a refresh for minutes (MLflow's default retries).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.registry_timeout)))
@@ -158,22 +193,59 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
     )
     admission = Admission(settings.max_in_flight, int(settings.decode_budget_mb * 2**20))
     metrics = Metrics()
-    explain_pool = ThreadPoolExecutor(1, "hm-explain", initializer=_lower_priority)
+    explain_pool = ThreadPoolExecutor(1, "hm-explain", initializer=lower_priority)
     maps = Admission(MAX_EXPLAINS_WAITING, budget=2**62)  # counted; memory is `admission`'s
     configure_logging()
+    store = PredictionLog(settings.prediction_log_uri) if settings.record_predictions else None
+    recorder = None
+    if store is not None:
+        films = FilmStore(settings.film_store_uri) if settings.keep_films else None
+        recorder = Recorder(
+            store,
+            films,
+            settings.log_queue,
+            int(settings.film_queue_mb * 2**20),
+            metrics.recorder_counters(),
+        )
+    shadow = None
+    if recorder is not None and settings.shadow and challenger is not False:
+        challenger = challenger or ModelHolder(
+            settings.model_name,
+            settings.challenger_alias,
+            settings.tracking_uri,
+            registry_timeout=settings.registry_timeout,
+            load_timeout=settings.load_timeout,
+            ui_url=settings.ui_url,
+        )
+        shadow = Shadow(challenger, recorder, metrics.shadow)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(_refresh_loop(holder, settings.refresh_seconds, metrics))
+        tasks = [
+            asyncio.create_task(_refresh_loop(holder, settings.refresh_seconds, metrics.serving))
+        ]
+        if shadow is not None:
+            tasks.append(
+                asyncio.create_task(_refresh_loop(shadow.holder, settings.refresh_seconds))
+            )
+        if recorder is not None:
+            recorder.start()
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         explain_pool.shutdown(wait=False, cancel_futures=True)
+        if shadow is not None:
+            shadow.shutdown()
+        if recorder is not None:
+            await asyncio.to_thread(recorder.stop, 5.0)
 
     app = FastAPI(title="hm-mlflow chest X-ray classifier", version=__version__, lifespan=lifespan)
     app.state.holder = holder
     app.state.metrics = metrics
+    app.state.recorder = recorder
+    app.state.shadow = shadow
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters["datetime"] = _readable_time
@@ -199,7 +271,7 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
     async def classify(
         request: Request, file: UploadFile | None, work=_predict, pool: Executor | None = None
-    ) -> tuple[CheckedImage, object, ServingModel]:
+    ) -> Classified:
         """Check the upload from its header, reserve what its decode takes, then run `work`
         (serving model, image bytes) -> answer, by default the prediction, with the model read
         once for this request, in `pool` (default: the thread pool). The whole body is read
@@ -228,9 +300,9 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             data = await file.read()
             job = partial(_prepare_and_run, data, inspected, serving, work)
             if pool is None:
-                image, answer = await run_in_threadpool(job)
+                image, answer, digest = await run_in_threadpool(job)
             else:
-                image, answer = await asyncio.get_running_loop().run_in_executor(pool, job)
+                image, answer, digest = await asyncio.get_running_loop().run_in_executor(pool, job)
         except ValueError as exc:  # the model's decoder refused what the checks let through
             raise UploadError(
                 422, f"The image could not be read; it may be damaged ({exc}).", "undecodable"
@@ -246,12 +318,57 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
             admission.leave(cost)
             metrics.in_flight.dec()
         request.state.model_version = serving.version
-        return image, answer, serving
+        return Classified(image, answer, serving, data, digest, cost)
 
     def _prepare_and_run(data: bytes, inspected: Inspected, serving: ServingModel, work):
-        """Both steps in one worker thread: one hop from the event loop per image."""
+        """All three steps in one worker thread: one hop from the event loop per image."""
         image = prepare(data, inspected, limits)
-        return image, work(serving, image.data)
+        answer = work(serving, image.data)
+        return image, answer, hashlib.sha256(data).hexdigest()
+
+    def remember(
+        done: Classified, probability: float, summary, site: str, source: str
+    ) -> str | None:
+        """Hand the answer to the prediction log (and the film to the film store, the film to
+        the challenger), off the request path; its prediction id, or None with the log off."""
+        if recorder is None:
+            return None
+        serving, image = done.serving, done.image
+        prediction_id = uuid.uuid4().hex
+        film = None
+        if recorder.films is not None:
+            kept = image.data if image.format == "DICOM" else done.upload
+            film = Film(recorder.films.key(done.sha256, image.format), kept, image.format)
+        recorder.record(
+            Record(
+                id=prediction_id,
+                created_at=now(),
+                site=site,
+                source=source,
+                model_name=serving.name,
+                model_version=serving.version,
+                probability=probability,
+                label=serving.label_of(probability),
+                threshold=serving.threshold,
+                sha256=done.sha256,
+                width=image.width,
+                height=image.height,
+                format=image.format,
+                summary=summary,
+                film=recorder.films.location(film.key) if film else None,
+            ),
+            film,
+        )
+        if shadow is not None:
+            shadow.submit(prediction_id, image.data, done.cost, serving.version)
+        return prediction_id
+
+    def site_of(form_site: str | None, header_site: str | None) -> str:
+        """The client's site: the form field, else the header, else the default."""
+        try:
+            return check_site(form_site if form_site is not None else header_site)
+        except ValueError as exc:
+            raise UploadError(422, str(exc), "bad_site") from exc
 
     def refused(request: Request, error: UploadError) -> None:
         request.state.outcome = error.reason
@@ -280,13 +397,20 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         return page(request)
 
     @app.post("/", response_class=HTMLResponse)
-    async def submit(request: Request, file: Upload = None) -> HTMLResponse:
+    async def submit(
+        request: Request, file: Upload = None, site: SiteField = None, x_site: SiteHeader = None
+    ) -> HTMLResponse:
         try:
-            image, prediction, serving = await classify(request, file)
+            where = site_of(site, x_site)
+            done = await classify(request, file)
         except UploadError as exc:
             refused(request, exc)
             return page(request, exc.status, error=exc.message)
+        image, prediction, serving = done.image, done.answer, done.serving
+        prediction_id = remember(done, prediction.probability, prediction.summary, where, "page")
         result = {
+            "prediction_id": prediction_id,
+            "site": where,
             "label": prediction.label,
             "probability": prediction.probability,
             "threshold": prediction.threshold,
@@ -304,8 +428,12 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
         headers = {"Retry-After": "1"} if exc.status == 503 else None
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
 
-    def model_of(prediction: Prediction | Explanation, serving: ServingModel) -> dict:
+    def model_of(
+        prediction: Prediction | Explanation, serving: ServingModel, prediction_id, site
+    ) -> dict:
         return {
+            "prediction_id": prediction_id,
+            "site": site,
             "label": serving.label_of(prediction.probability),
             "probability": prediction.probability,
             "threshold": serving.threshold,
@@ -314,57 +442,85 @@ def create_app(settings: Settings | None = None, holder: ModelHolder | None = No
 
     @app.post("/api/predict")
     async def predict(
-        request: Request, file: Upload = None, thumbnail: bool = False
+        request: Request,
+        file: Upload = None,
+        thumbnail: bool = False,
+        site: SiteField = None,
+        x_site: SiteHeader = None,
     ) -> JSONResponse:
-        """Label and probability of one film; `?thumbnail=true` adds the film as the model
-        cropped it (a small PNG data URL), for the upload page's table."""
+        """Label and probability of one film, with the prediction id a reader's label refers
+        to; `?thumbnail=true` adds the film as the model cropped it (a small PNG data URL), for
+        the upload page's table."""
         try:
-            image, prediction, serving = await classify(request, file)
+            where = site_of(site, x_site)
+            done = await classify(request, file)
         except UploadError as exc:
             return api_error(request, exc)
-        answer = model_of(prediction, serving)
+        prediction = done.answer
+        prediction_id = remember(done, prediction.probability, prediction.summary, where, "api")
+        answer = model_of(prediction, done.serving, prediction_id, where)
         if thumbnail:
-            answer["thumbnail"] = await run_in_threadpool(_thumbnail, prediction, image)
+            answer["thumbnail"] = await run_in_threadpool(_thumbnail, prediction, done.image)
         return JSONResponse(answer)
 
     @app.post("/api/explain")
-    async def explain(request: Request, file: Upload = None) -> JSONResponse:
+    async def explain(
+        request: Request, file: Upload = None, site: SiteField = None, x_site: SiteHeader = None
+    ) -> JSONResponse:
         """Where the model looked: the occlusion map of one film under the served version, as
         numbers and as a PNG overlay on the model's canvas. Maps are computed one at a time per
         worker, in a thread of lower priority than the predictions."""
+        try:
+            where = site_of(site, x_site)
+        except UploadError as exc:
+            return api_error(request, exc)
         if not maps.try_enter(0):
             return api_error(request, UploadError(503, BUSY_EXPLAINING, "busy"))
         try:
-            _, explanation, serving = await classify(
-                request, file, lambda model, data: model.explain(data), explain_pool
-            )
+            done = await classify(request, file, _explain_and_summarise, explain_pool)
         except UploadError as exc:
             return api_error(request, exc)
         finally:
             maps.leave(0)
+        explanation, summary = done.answer
+        prediction_id = remember(done, explanation.probability, summary, where, "explain")
         overlay = await run_in_threadpool(explanation.overlay_png)
         return JSONResponse(
             {
-                **model_of(explanation, serving),
+                **model_of(explanation, done.serving, prediction_id, where),
                 "occlusion": explanation.as_dict(),
                 "overlay_png": base64.b64encode(overlay).decode(),
                 "caption": CAPTION,
             }
         )
 
+    def status() -> dict:
+        """The holder's status, the prediction log's and the challenger's: a log that cannot
+        be written makes the service degraded (its answers go on)."""
+        found = holder.status()
+        log_status = recorder.status() if recorder is not None else {"status": "off"}
+        found["prediction_log"] = log_status
+        found["challenger"] = shadow.version if shadow is not None else None
+        if log_status["status"] == "failing":
+            found["status"] = "degraded"
+        return found
+
     @app.get("/health")
     def health() -> dict:
-        return holder.status()
+        return status()
 
     @app.get("/ready")
     def ready() -> JSONResponse:
-        status = holder.status()
-        return JSONResponse(status, status_code=200 if status["model_loaded"] else 503)
+        found = status()
+        return JSONResponse(found, status_code=200 if found["model_loaded"] else 503)
+
+    loop = loop_routes(settings, store, recorder, holder, shadow, metrics, templates)
+    app.include_router(loop.router)
 
     @app.get("/metrics")
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
+        return Response(body + await loop.site_metrics(), media_type=content_type)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -13,6 +13,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import json
+import os
+import threading
 from collections.abc import Awaitable, Callable
 
 Scope = dict
@@ -139,6 +141,13 @@ class Admission:
     def leave(self, cost: int) -> None:
         self.images -= 1
         self.reserved -= cost
+
+
+def lower_priority() -> None:
+    """Run this thread at a lower scheduling priority than the answers (occlusion maps, the
+    challenger's shadow scores): on Linux a thread's nice value is its own."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)

@@ -10,6 +10,7 @@ and model loads have time limits: a hung call never blocks later swaps.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import threading
@@ -22,6 +23,9 @@ import numpy as np
 import pandas as pd
 
 from hm_mlflow.explain import Explanation, NotExplainable, occlusion
+from hm_mlflow.monitoring.reference import Reference
+from hm_mlflow.monitoring.reference import from_arrays as reference_from_arrays
+from hm_mlflow.packaging import recorded_checksums
 from hm_mlflow.registry import Registry
 from hm_mlflow.serve.model_card import model_card
 
@@ -61,6 +65,7 @@ class Prediction:
     version: str
     threshold: float
     film: np.ndarray | None  # the decoded, cropped film (for the page's thumbnail), if known
+    summary: np.ndarray | None = None  # the film's compact features, for drift, if the model has
 
 
 @dataclass(frozen=True)
@@ -123,15 +128,26 @@ class ServingModel:
     def predict(self, image: bytes) -> Prediction:
         """Label and probability of one image (JPEG or PNG bytes). A ValueError means the model
         could not read the image; anything else is a ModelFailure."""
+        summary = None
         with _model_errors():
-            if self.fast is not None:
+            analyse = getattr(self.python_model, "analyse", None)
+            if analyse is not None:
+                probability, film, summary = analyse(image)
+            elif self.fast is not None:  # logged before the drift reference existed
                 probability, film = self.fast(image)
             else:  # a version logged before classify() existed
                 row = self.model.predict(pd.DataFrame({"image": [image]})).iloc[0]
                 probability, film = float(row["probability"]), None
         return Prediction(
-            self.label_of(probability), probability, self.version, self.threshold, film
+            self.label_of(probability), probability, self.version, self.threshold, film, summary
         )
+
+    @functools.cached_property
+    def reference(self) -> Reference | None:
+        """The drift reference this version was saved with (hm_mlflow.monitoring.reference),
+        or None."""
+        arrays = getattr(self.python_model, "reference", None)
+        return reference_from_arrays(arrays) if arrays else None
 
     def label_of(self, probability: float) -> str:
         """The answer at this version's decision threshold."""
@@ -152,18 +168,6 @@ class ServingModel:
             "synthetic": self.synthetic,
             "threshold": self.threshold,
         }
-
-
-def _recorded_checksums(version) -> dict[str, str] | None:
-    import json
-
-    from hm_mlflow.packaging import CHECKSUMS_TAG
-
-    raw = (version.tags or {}).get(CHECKSUMS_TAG)
-    try:
-        return json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        return None
 
 
 def _with_timeout(function, seconds: float, what: str):
@@ -262,7 +266,7 @@ class ModelHolder:
             return False
         if self.refused and self.refused["version"] == wanted:
             return False  # refused once: not downloaded again until the alias moves
-        recorded = _recorded_checksums(version)
+        recorded = recorded_checksums(version)
         try:
             loaded = _with_timeout(
                 lambda: ServingModel.load(name, wanted, recorded),

@@ -10,6 +10,13 @@ served at /metrics:
     hm_rejections_total{reason}                  refused uploads and requests, by reason
     hm_images_in_flight                          images being decoded and classified now
     hm_model_version{version}                    1 for the version this worker serves
+    hm_prediction_log_records_total{outcome}     answers written to the log, or dropped
+    hm_prediction_log_errors_total               failed writes (retried)
+    hm_prediction_log_pending                    answers waiting to be written
+    hm_films_kept_total{outcome}                 films stored for labelling, dropped, failed
+    hm_shadow_total{outcome}                     films the challenger scored, skipped, failed
+    hm_feedback_total{outcome}                   readers' labels, by outcome
+    hm_site_*{site, version}                     the monitoring report (below), per site
 
 With several workers, each writes its samples to PROMETHEUS_MULTIPROC_DIR (set by `hm-mlflow
 serve`) and /metrics adds them up, so whichever worker answers it tells the whole server's story.
@@ -32,6 +39,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from hm_mlflow.monitoring.recorder import Counters
 
 access_log = logging.getLogger("hm_mlflow.access")
 
@@ -71,7 +80,37 @@ class Metrics:
             multiprocess_mode="liveall",
             **kwargs,
         )
+        self.log_records = Counter(
+            "hm_prediction_log_records",
+            "Answers written to the prediction log, or dropped",
+            ["outcome"],
+            **kwargs,
+        )
+        self.log_errors = Counter(
+            "hm_prediction_log_errors", "Failed writes to the prediction log (retried)", **kwargs
+        )
+        self.log_pending = Gauge(
+            "hm_prediction_log_pending",
+            "Answers waiting to be written to the prediction log",
+            multiprocess_mode="livesum",
+            **kwargs,
+        )
+        self.films = Counter(
+            "hm_films_kept", "Films stored for labelling, by outcome", ["outcome"], **kwargs
+        )
+        self.shadow = Counter(
+            "hm_shadow",
+            "Films scored by the challenger in shadow, by outcome",
+            ["outcome"],
+            **kwargs,
+        )
+        self.feedback = Counter(
+            "hm_feedback", "Readers' labels received, by outcome", ["outcome"], **kwargs
+        )
         self._version: str | None = None
+
+    def recorder_counters(self) -> RecorderCounters:
+        return RecorderCounters(self)
 
     def serving(self, version: str | None) -> None:
         if version == self._version:
@@ -88,6 +127,69 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RecorderCounters(Counters):
+    """The prediction log recorder's counts, as Prometheus metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def written(self, n: int) -> None:
+        self.metrics.log_records.labels("written").inc(n)
+
+    def dropped(self, n: int) -> None:
+        self.metrics.log_records.labels("dropped").inc(n)
+
+    def failed(self) -> None:
+        self.metrics.log_errors.inc()
+
+    def pending(self, delta: int) -> None:
+        self.metrics.log_pending.inc(delta)
+
+    def film(self, outcome: str) -> None:
+        self.metrics.films.labels(outcome).inc()
+
+
+def site_metrics(report: dict) -> bytes:
+    """The monitoring report as Prometheus gauges, per site and version (computed from the
+    database by whichever worker answers /metrics, so never counted twice)."""
+    registry = CollectorRegistry()
+    labels = ["site", "version"]
+
+    def gauge(name: str, text: str, names=labels) -> Gauge:
+        return Gauge(name, text, names, registry=registry)
+
+    films = gauge("hm_site_films", "Films answered at a site, by version")
+    positive = gauge("hm_site_positive_rate", "Share of films answered PNEUMONIA")
+    labelled = gauge("hm_site_labelled", "Films a reader labelled")
+    rates = {
+        name: gauge(f"hm_site_{name}", f"{name} on the labelled films (point estimate)")
+        for name in ("sensitivity", "specificity", "accuracy", "roc_auc")
+    }
+    drift_score = gauge("hm_site_drift_score", "Input drift: domain classifier ROC AUC")
+    drift_threshold = gauge("hm_site_drift_threshold", "Input drift: the score's threshold")
+    drifting = gauge("hm_site_drifting", "1 when the site's films drift from training")
+    for site in report.get("sites", []):
+        for entry in site["versions"]:
+            key = (site["site"], entry["version"])
+            films.labels(*key).set(entry["films"])
+            if entry["positive_rate"] is not None:
+                positive.labels(*key).set(entry["positive_rate"])
+            labelled.labels(*key).set(entry["labelled"]["n"])
+            for name, metric in rates.items():
+                value = entry["labelled"][name]["value"]
+                if value is not None:
+                    metric.labels(*key).set(value)
+        drift = site.get("drift")
+        if drift:
+            key = (site["site"], drift["version"])
+            test = drift["input"]
+            if test["score"] is not None:
+                drift_score.labels(*key).set(test["score"])
+                drift_threshold.labels(*key).set(test["threshold"])
+            drifting.labels(*key).set(1 if drift["drifting"] else 0)
+    return generate_latest(registry)
 
 
 class AccessLog:
