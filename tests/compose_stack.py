@@ -20,7 +20,6 @@ veth pair, at `Stack.address`.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from postgres_server import pg_bindir, start_postgres
 from support import BIN, seaweed_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,124 +141,6 @@ class Namespace:
         subprocess.run(["ip", "netns", "del", self.name], check=False)
         subprocess.run(["ip", "link", "del", self.link], check=False, capture_output=True)
         shutil.rmtree(self.etc, ignore_errors=True)
-
-
-def pg_bindir() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found:
-        raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql")
-    return Path(found[-1]).parent
-
-
-def start_postgres(
-    ns: Namespace,
-    data: Path,
-    user: str,
-    password: str,
-    database: str,
-    log: Path,
-    port: int = 5432,
-    ssl: bool = False,
-) -> subprocess.Popen:
-    """A fresh PostgreSQL cluster in `data`, listening on every address of `ns` at `port`, with
-    `user`/`password` (scram) and `database`; with `ssl`, TLS on a self-signed certificate (as
-    RDS requires it). Runs as the postgres system user: initdb refuses root."""
-    shutil.rmtree(data, ignore_errors=True)
-    data.mkdir(parents=True)
-    pwfile = data.parent / f"{data.name}.pgpass"
-    pwfile.write_text(password)
-    for path in (data, pwfile):
-        shutil.chown(path, "postgres")
-    bindir = pg_bindir()
-    subprocess.run(
-        ns.argv(
-            [
-                str(bindir / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                user,
-                f"--pwfile={pwfile}",
-                "--auth-host=scram-sha-256",
-                "--auth-local=trust",
-            ],
-            user="postgres",
-        ),
-        check=True,
-        capture_output=True,
-    )
-    options = ["-c", "listen_addresses=*", "-k", str(data)]
-    if ssl:
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=localhost",
-                "-keyout",
-                str(data / "server.key"),
-                "-out",
-                str(data / "server.crt"),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        for name in ("server.key", "server.crt"):
-            shutil.chown(data / name, "postgres")
-        (data / "server.key").chmod(0o600)
-        options += [
-            "-c",
-            "ssl=on",
-            "-c",
-            "ssl_cert_file=server.crt",
-            "-c",
-            "ssl_key_file=server.key",
-        ]
-    handle = log.open("ab")
-    process = subprocess.Popen(
-        ns.argv(
-            [str(bindir / "postgres"), "-D", str(data), "-p", str(port), *options], user="postgres"
-        ),
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        cwd=data,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 30
-    ready = [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)]
-    while subprocess.run(ns.argv(ready), capture_output=True, check=False).returncode != 0:
-        if time.monotonic() > deadline or process.poll() is not None:
-            raise RuntimeError(f"PostgreSQL did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.3)
-    if database != "postgres":  # initdb made that one; the image creates any other
-        done = subprocess.run(
-            ns.argv(
-                [
-                    str(bindir / "createdb"),
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                    "-U",
-                    user,
-                    database,
-                ],
-                user="postgres",
-            ),
-            env={**os.environ, "PGPASSWORD": password},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"createdb {database}: {done.stderr}")
-    return process
 
 
 class Stack:

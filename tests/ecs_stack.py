@@ -28,9 +28,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compose_stack import Namespace, parse_dockerfile, start_postgres
+from compose_stack import Namespace, parse_dockerfile
 from infra_model import container, containers, local_values, resources
 from infra_model import env as container_env
+from postgres_server import start_postgres
 from support import BIN, seaweed_argv
 
 REPO = Path(__file__).resolve().parents[1]

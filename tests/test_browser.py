@@ -21,9 +21,10 @@ from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import expect, sync_playwright
 
 from hm_mlflow.dataset import list_split
+from hm_mlflow.monitoring.store import PredictionLog
 
 from dicom_files import make_dicom
-from support import require_chromium
+from support import require_chromium, run_hm_mlflow
 
 pytestmark = pytest.mark.integration
 
@@ -297,6 +298,65 @@ def test_about_this_model_names_its_data_metrics_and_links(page, webapp, trained
     assert httpx.get(run_link.split("#")[0]).status_code == 200  # the MLflow UI answers there
     fits_the_width(page)
     shoot(page, "08-about")
+
+
+def test_a_reader_signs_in_and_labels_each_answer(page, webapp, trained, films):
+    settings, _ = trained
+    name = f"reader-{page.viewport_name}"
+    made = run_hm_mlflow(
+        ["reviewer", "add", name, "--replace"],
+        {"HM_STATE_DIR": str(settings.state_dir)},
+        Path.cwd(),
+    )
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    page.goto(webapp)
+    page.fill("#site", f"ward-{page.viewport_name}")
+    page.set_input_files("#file", [str(films[0]), str(films[1])])
+    page.click("#upload button[type=submit]")
+    wait_for_answers(page, 2)
+    expect(page.locator("td.reader-label").first).to_be_hidden()  # not signed in: no control
+
+    page.locator("#reader summary").click()
+    page.fill("#reader-token", "hmr_" + "x" * 43)
+    page.click("#reader-form button[type=submit]")
+    expect(page.locator("#reader-status")).to_contain_text("not a reader's")
+    page.fill("#reader-token", token)
+    page.click("#reader-form button[type=submit]")
+    expect(page.locator("#reader-status")).to_contain_text(f"Signed in as {name}")
+    row = page.locator("tr.film-row").first
+    choice = row.locator(".labels button", has_text="PNEUMONIA")
+    choice.click()
+    expect(row.locator(".label-status")).to_contain_text(f"Labelled PNEUMONIA by {name}")
+    expect(choice).to_have_attribute("aria-pressed", "true")
+    row.locator(".labels button", has_text="NORMAL").click()  # a second thought: the latest wins
+    expect(row.locator(".label-status")).to_contain_text(f"Labelled NORMAL by {name}")
+    fits_the_width(page)
+    no_serious_violations(page)
+    shoot(page, "10-reader-labels")
+
+    labelled = [
+        f for f in PredictionLog(settings.prediction_log_uri).labelled() if f.reviewer == name
+    ]
+    assert [(f.site, f.label) for f in labelled] == [(f"ward-{page.viewport_name}", "NORMAL")]
+    history = PredictionLog(settings.prediction_log_uri).label_history(labelled[0].prediction_id)
+    assert [h["label"] for h in history] == ["PNEUMONIA", "NORMAL"]
+
+
+def test_the_monitoring_page_shows_each_site(page, webapp, films):
+    for film in films:
+        httpx.post(
+            f"{webapp}/api/predict", files={"file": film.read_bytes()}, data={"site": "east"}
+        ).raise_for_status()
+    page.goto(f"{webapp}/monitoring")
+    east = page.locator("section.site[data-site='east']")
+    expect(east).to_contain_text("films answered")
+    expect(east.locator("table.versions tbody tr")).to_have_count(1)
+    expect(east.locator(".input-drift")).to_contain_text("too few films")
+    expect(page.locator("#production-version")).to_have_text("1")
+    fits_the_width(page)
+    no_serious_violations(page)
+    shoot(page, "11-monitoring")
 
 
 @pytest.fixture(scope="module")

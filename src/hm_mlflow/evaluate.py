@@ -44,12 +44,17 @@ def evaluate_model(
 def evaluate_samples(
     model_uri: str, samples: list[Sample], progress: bool = True
 ) -> dict[str, float | int | str | None]:
-    """`binary_metrics` of the model at `model_uri` on `samples`, at its own threshold, with
-    the `digest` of the images scored."""
+    """`binary_metrics` of the model at `model_uri` on `samples`, at its own threshold (a
+    readers' film at its site's operating point, when the model has one), with the `digest` of
+    the images scored."""
     model = mlflow.pyfunc.load_model(model_uri)
     probability, digest = predict_samples(model, samples, progress)
     y = np.array([s.label for s in samples])
+    config = model.model_config
+    cut = float(config["threshold"])
+    own = config.get("site_thresholds") or {}
+    cuts = np.array([float(own.get(s.site or "", cut)) for s in samples])
     return {
-        **binary_metrics(y, probability, float(model.model_config["threshold"])),
+        **binary_metrics(y, probability, cut if np.all(cuts == cut) else cuts),
         "digest": digest,
     }

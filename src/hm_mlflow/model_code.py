@@ -10,7 +10,9 @@ When the model was trained with a drift reference (`reference.npz`, hm_mlflow.mo
 
 Input: a DataFrame with a binary column `image` (JPEG or PNG bytes; base64 strings when they
 arrive as JSON at `mlflow models serve`). Output: a DataFrame with `label` and `probability`,
-the probability of PNEUMONIA. The parameter `threshold` overrides the model's own cut.
+the probability of PNEUMONIA. The parameter `threshold` overrides the model's own cut; the
+parameter `site` applies that site's own operating point when the model has one (a site whose
+readers labelled enough films when it was trained, hm_mlflow.train).
 """
 
 from __future__ import annotations
@@ -141,6 +143,9 @@ class ChestXrayClassifier(PythonModel):
         self.estimator = _load_estimator(context.artifacts["estimator"])
         config = context.model_config
         self.threshold = float(config["threshold"])
+        self.site_thresholds = {
+            k: float(v) for k, v in (config.get("site_thresholds") or {}).items()
+        }
         self.labels = list(config["labels"])
         self.linear = LinearVote.from_estimator(self.estimator, self.features.n_features())
         self.reference = _load_reference(context.artifacts.get("reference"))
@@ -158,6 +163,10 @@ class ChestXrayClassifier(PythonModel):
         film = self.features.load(image)
         vector = self.features.from_image(film)
         return float(self.probability(vector[np.newaxis])[0]), film
+
+    def threshold_for(self, site: str | None) -> float:
+        """The site's own operating point if the model has one, else the model's."""
+        return self.site_thresholds.get(site or "", self.threshold)
 
     def summarise(self, vector: np.ndarray) -> np.ndarray | None:
         """The film's compact summary for drift: PCA coordinates of the standardised vector and
@@ -185,7 +194,8 @@ class ChestXrayClassifier(PythonModel):
         else:
             vectors = [self.features.extract(image) for image in images]
         probability = self.probability(np.stack(vectors))
-        threshold = float((params or {}).get("threshold") or self.threshold)
+        params = params or {}
+        threshold = float(params.get("threshold") or self.threshold_for(params.get("site")))
         label = np.where(probability >= threshold, self.labels[1], self.labels[0])
         return pd.DataFrame({"label": label, "probability": probability})
 

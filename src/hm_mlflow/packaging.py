@@ -39,7 +39,9 @@ def signature(threshold: float) -> ModelSignature:
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]),
-        params=ParamSchema([ParamSpec("threshold", "double", threshold)]),
+        params=ParamSchema(
+            [ParamSpec("threshold", "double", threshold), ParamSpec("site", "string", "")]
+        ),
     )
 
 

@@ -433,7 +433,8 @@ def _record_run(
             "cv.folds": settings.cv_folds,
             "cv.grouping": "patient",
             "transfer.shifts": ",".join(PANEL),
-            "threshold.rule": "highest with sensitivity >= floor on CV + transfer panel",
+            "threshold.rule": "highest with sensitivity >= floor on CV + transfer panel; "
+            "per site with enough labelled films: the same on the site's films",
             "seed": settings.seed,
             "features.version": features.FEATURE_VERSION,
             "features.n": X.shape[1],
@@ -471,17 +472,24 @@ def _record_run(
     estimator = modeling.fit_calibrated(
         prepared.data, params=params, n_folds=settings.cv_folds, seed=settings.seed
     )
-    threshold, site_metrics = _site_floors(estimator, prepared, threshold, settings)
+    site_thresholds, site_metrics = _site_operating_points(estimator, prepared, validated, settings)
     metrics.update(site_metrics)
-    metrics["threshold"] = threshold
     config = {
         "trained_at": started.isoformat(timespec="seconds"),
         "synthetic": synthetic,
         "data_digest": dataset.digest,
         "run_id": run.info.run_id,
+        "site_thresholds": site_thresholds,
     }
     # What this version saw: drift in service is measured against it (hm_mlflow.monitoring).
-    reference = build_reference(X, validated.cv.probability, y, settings.seed)
+    reference = build_reference(
+        X,
+        estimator.predict_proba(X)[:, 1],
+        y,
+        groups,
+        np.array([s.site or "" for s in samples]),
+        settings.seed,
+    )
     info = log_model(
         estimator, threshold, config, registered_model_name=settings.model_name, reference=reference
     )
@@ -550,32 +558,39 @@ def _record_run(
     )
 
 
-def _site_floors(
-    estimator, prepared: Prepared, threshold: float, settings: Settings
-) -> tuple[float, dict[str, float]]:
-    """The operating point lowered, where needed, so that the sensitivity floor also holds on
-    each site's held-out films (sites with at least HM_MIN_SITE_LABELS of them, both classes
-    among them), and the final model's metrics there, as `site_<site>_*`."""
-    if not prepared.holdout:
-        return threshold, {}
-    probability = estimator.predict_proba(prepared.X_holdout)[:, 1]
-    sites = np.array([s.site for s in prepared.holdout])
-    y = prepared.y_holdout
-    found: dict[str, float] = {"threshold_cv_panel": threshold}
-    for site in sorted(set(sites)):
-        mine = sites == site
-        if mine.sum() >= settings.min_site_labels and len(np.unique(y[mine])) == 2:
-            floor = modeling.choose_threshold(
-                y[mine], probability[mine], settings.sensitivity_floor
-            )
-            found[f"threshold_site_{site}"] = floor
-            threshold = min(threshold, floor)
-    for site in sorted(set(sites)):
-        mine = sites == site
-        scored = binary_metrics(y[mine], probability[mine], threshold)
+def _site_operating_points(
+    estimator, prepared: Prepared, validated: CrossValidated, settings: Settings
+) -> tuple[dict[str, float], dict[str, float]]:
+    """An operating point of its own for each site with at least HM_MIN_SITE_LABELS labelled
+    films, both classes among them: the highest threshold that keeps sensitivity at or above
+    the floor on the site's films (those held out, scored by this model; those trained on,
+    out of fold, as they are and under the transfer panel), pooled, as the global rule does on
+    the data root's films. The webapp applies it to that site's films. Returns the thresholds
+    and the metrics at them on each site's held-out films (`site_<site>_*`)."""
+    sites_trained = np.array([s.site or "" for s in prepared.samples])
+    held_sites = np.array([s.site for s in prepared.holdout])
+    held_p = estimator.predict_proba(prepared.X_holdout)[:, 1] if prepared.holdout else np.zeros(0)
+    held_y = prepared.y_holdout
+    thresholds: dict[str, float] = {}
+    found: dict[str, float] = {}
+    for site in sorted({str(s) for s in (*held_sites, *sites_trained) if s}):
+        mine, trained = held_sites == site, sites_trained == site
+        cv = validated.cv
+        y = np.concatenate([held_y[mine], np.tile(prepared.y[trained], 1 + len(cv.shifted))])
+        p = np.concatenate([held_p[mine], cv.probability[trained], cv.shifted[:, trained].ravel()])
+        labelled = int(mine.sum() + trained.sum())
         found[f"site_{site}_n_holdout"] = int(mine.sum())
-        found.update({f"site_{site}_{k}": scored[k] for k in METRIC_NAMES if scored[k] is not None})
-    return threshold, found
+        found[f"site_{site}_n_train"] = int(trained.sum())
+        if labelled >= settings.min_site_labels and len(np.unique(y)) == 2:
+            thresholds[site] = modeling.choose_threshold(y, p, settings.sensitivity_floor)
+            found[f"site_{site}_threshold"] = thresholds[site]
+        if mine.any():
+            cut = thresholds.get(site, validated.threshold)
+            scored = binary_metrics(held_y[mine], held_p[mine], cut)
+            found.update(
+                {f"site_{site}_{k}": scored[k] for k in METRIC_NAMES if scored[k] is not None}
+            )
+    return thresholds, found
 
 
 def _provenance(registry: Registry, version) -> tuple[bool, str | None]:

@@ -25,10 +25,10 @@ def wilson(hits: int, total: int, z: float = Z95) -> dict:
     denominator = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return {
+    return {  # the bounds hold the rate itself whatever the rounding (at 0 or 1 they meet it)
         "value": p,
-        "low": max(0.0, centre - half),
-        "high": min(1.0, centre + half),
+        "low": min(p, max(0.0, centre - half)),
+        "high": max(p, min(1.0, centre + half)),
         "n": total,
     }
 

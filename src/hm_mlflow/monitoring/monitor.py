@@ -153,7 +153,7 @@ def log_report(report: dict, settings: Settings, client: MlflowClient) -> dict[s
     )
     versions = sorted({v["version"] for s in report["sites"] for v in s["versions"]})
     stamp = int(time.time() * 1000)
-    step = stamp // 60_000  # minutes: one point per monitoring run
+    step = stamp // 1000  # seconds: one point per monitoring run
     runs = {}
     for version in versions:
         run_id = _run_for(client, experiment_id, settings.model_name, version)

@@ -135,8 +135,11 @@ def _performance(films: list) -> dict:
 def _drift(store: PredictionLog, site: str, version: str, reference, settings) -> dict:
     ref = reference(version)
     rows, probabilities = store.recent_summaries(site, version, settings.drift_window)
+    against, against_p, what = None, None, None
+    if ref is not None:
+        against, against_p, what = ref.rows_for(site, settings.drift_min_films)
     summaries = drift_tests.input_drift(
-        None if ref is None else ref.summaries,
+        against,
         rows,
         alpha=settings.drift_alpha,
         min_auc=settings.drift_min_auc,
@@ -144,21 +147,22 @@ def _drift(store: PredictionLog, site: str, version: str, reference, settings) -
         seed=settings.seed,
     )
     scores = drift_tests.score_drift(
-        None if ref is None else ref.probabilities,
+        against_p,
         np.asarray(probabilities),
         alpha=settings.drift_alpha,
         min_films=settings.drift_min_films,
     )
     return {
         "version": version,
+        "reference": what,
         "input": summaries.as_dict(),
         "scores": scores.as_dict(),
         "drifting": summaries.drifting,
-        "message": _message(site, version, summaries, scores, settings),
+        "message": _message(site, version, summaries, scores, settings, what),
     }
 
 
-def _message(site, version, summaries, scores, settings) -> str:
+def _message(site, version, summaries, scores, settings, what) -> str:
     if summaries.verdict == drift_tests.NO_REFERENCE:
         return f"Version {version} was saved without a drift reference: drift is not measured."
     if summaries.verdict == drift_tests.TOO_FEW:
@@ -168,17 +172,17 @@ def _message(site, version, summaries, scores, settings) -> str:
         )
     if summaries.drifting:
         return (
-            f"The films from {site} differ from the films version {version} was trained on "
-            f"(domain classifier AUC {summaries.score:.2f}, threshold {summaries.threshold:.2f}): "
-            "its answers there may not hold. Label some of them and retrain."
+            f"The films from {site} differ from {what} of version {version} (domain classifier "
+            f"AUC {summaries.score:.2f}, threshold {summaries.threshold:.2f}): its answers there "
+            "may not hold. Label some of them and retrain."
         )
     if scores.drifting:
         return (
-            f"The films from {site} look like the training films, but the model's scores there "
+            f"The films from {site} look like {what}, but the model's scores there "
             f"are distributed differently (KS {scores.score:.2f}): the site's case mix differs, "
             "or the model sees something the summaries miss."
         )
-    return f"No drift: the films from {site} look like the training films of version {version}."
+    return f"No drift: the films from {site} look like {what} of version {version}."
 
 
 def _challenger(pairs: list[dict], site: str, challenger: str, production: str | None) -> dict:

@@ -348,8 +348,8 @@ def create_app(
                 model_name=serving.name,
                 model_version=serving.version,
                 probability=probability,
-                label=serving.label_of(probability),
-                threshold=serving.threshold,
+                label=serving.label_of(probability, site),
+                threshold=serving.threshold_for(site),
                 sha256=done.sha256,
                 width=image.width,
                 height=image.height,
@@ -360,7 +360,7 @@ def create_app(
             film,
         )
         if shadow is not None:
-            shadow.submit(prediction_id, image.data, done.cost, serving.version)
+            shadow.submit(prediction_id, image.data, done.cost, serving.version, site)
         return prediction_id
 
     def site_of(form_site: str | None, header_site: str | None) -> str:
@@ -405,15 +405,15 @@ def create_app(
             done = await classify(request, file)
         except UploadError as exc:
             refused(request, exc)
-            return page(request, exc.status, error=exc.message)
+            return page(request, exc.status, error=exc.message, site=site)
         image, prediction, serving = done.image, done.answer, done.serving
         prediction_id = remember(done, prediction.probability, prediction.summary, where, "page")
         result = {
             "prediction_id": prediction_id,
             "site": where,
-            "label": prediction.label,
+            "label": serving.label_of(prediction.probability, where),
             "probability": prediction.probability,
-            "threshold": prediction.threshold,
+            "threshold": serving.threshold_for(where),
             "thumbnail": await run_in_threadpool(_thumbnail, prediction, image),
             "filename": file.filename,
             "format": image.format,
@@ -421,7 +421,7 @@ def create_app(
             "height": image.height,
             "version": prediction.version,
         }
-        return page(request, result=result, serving=serving)
+        return page(request, result=result, serving=serving, site=where)
 
     def api_error(request: Request, exc: UploadError) -> JSONResponse:
         refused(request, exc)
@@ -434,9 +434,9 @@ def create_app(
         return {
             "prediction_id": prediction_id,
             "site": site,
-            "label": serving.label_of(prediction.probability),
+            "label": serving.label_of(prediction.probability, site),
             "probability": prediction.probability,
-            "threshold": serving.threshold,
+            "threshold": serving.threshold_for(site),
             "model": {"name": settings.model_name, "version": serving.version},
         }
 

@@ -127,6 +127,19 @@ def loop_routes(settings, store, recorder, holder, shadow, metrics, templates) -
     def count(outcome: str) -> None:
         metrics.feedback.labels(outcome).inc()
 
+    @router.get("/api/reviewer")
+    async def who(authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        """Which reader a token belongs to (the upload page's sign-in): 200 or 401."""
+        if store is None:
+            return _error(503, LOG_OFF)
+        try:
+            reviewer = await run_in_threadpool(authenticate, store, authorization)
+        except Exception:
+            return _error(503, LOG_DOWN, {"Retry-After": "5"})
+        if reviewer is None:
+            return _error(401, "This token is not a reader's, or it was revoked.")
+        return JSONResponse({"reviewer": reviewer})
+
     @router.post("/api/feedback")
     async def feedback(
         request: Request, authorization: Annotated[str | None, Header()] = None

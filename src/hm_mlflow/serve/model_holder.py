@@ -83,6 +83,7 @@ class ServingModel:
     directory: str | None = None  # the verified copy it was loaded from
     python_model: object | None = field(default=None, repr=False)  # for occlusion maps
     about: dict = field(default_factory=dict)  # the model card: data, metrics, links
+    site_thresholds: dict[str, float] = field(default_factory=dict)  # sites' own cuts
 
     @classmethod
     def load(cls, name: str, version: str, recorded: dict[str, str] | None) -> ServingModel:
@@ -123,11 +124,13 @@ class ServingModel:
             fast=getattr(python_model, "classify", None),
             directory=directory,
             python_model=python_model,
+            site_thresholds={k: float(v) for k, v in (config.get("site_thresholds") or {}).items()},
         )
 
-    def predict(self, image: bytes) -> Prediction:
-        """Label and probability of one image (JPEG or PNG bytes). A ValueError means the model
-        could not read the image; anything else is a ModelFailure."""
+    def predict(self, image: bytes, site: str | None = None) -> Prediction:
+        """Label and probability of one image (JPEG or PNG bytes), at the site's operating
+        point. A ValueError means the model could not read the image; anything else is a
+        ModelFailure."""
         summary = None
         with _model_errors():
             analyse = getattr(self.python_model, "analyse", None)
@@ -138,8 +141,9 @@ class ServingModel:
             else:  # a version logged before classify() existed
                 row = self.model.predict(pd.DataFrame({"image": [image]})).iloc[0]
                 probability, film = float(row["probability"]), None
+        threshold = self.threshold_for(site)
         return Prediction(
-            self.label_of(probability), probability, self.version, self.threshold, film, summary
+            self.label_of(probability, site), probability, self.version, threshold, film, summary
         )
 
     @functools.cached_property
@@ -149,9 +153,13 @@ class ServingModel:
         arrays = getattr(self.python_model, "reference", None)
         return reference_from_arrays(arrays) if arrays else None
 
-    def label_of(self, probability: float) -> str:
-        """The answer at this version's decision threshold."""
-        return self.labels[1] if probability >= self.threshold else self.labels[0]
+    def threshold_for(self, site: str | None) -> float:
+        """The site's own operating point when this version has one, else its threshold."""
+        return self.site_thresholds.get(site or "", self.threshold)
+
+    def label_of(self, probability: float, site: str | None = None) -> str:
+        """The answer at this version's decision threshold (the site's, if it has one)."""
+        return self.labels[1] if probability >= self.threshold_for(site) else self.labels[0]
 
     def explain(self, image: bytes) -> Explanation:
         """The occlusion map of one image under this version (`hm_mlflow.explain`). A

@@ -47,7 +47,9 @@ class Shadow:
         current = self.holder.current
         return current.version if current else None
 
-    def submit(self, prediction_id: str, image: bytes, cost: int, champion: str) -> bool:
+    def submit(
+        self, prediction_id: str, image: bytes, cost: int, champion: str, site: str | None = None
+    ) -> bool:
         """Score `image` with the challenger later; False when there is none to score it (or
         it is the champion itself) or too much waits already."""
         challenger = self.holder.current
@@ -61,12 +63,14 @@ class Shadow:
                 return False
             self._waiting += 1
             self._bytes += cost
-        self._pool.submit(self._score, challenger, prediction_id, image, cost)
+        self._pool.submit(self._score, challenger, prediction_id, image, cost, site)
         return True
 
-    def _score(self, challenger: ServingModel, prediction_id: str, image: bytes, cost: int):
+    def _score(
+        self, challenger: ServingModel, prediction_id: str, image: bytes, cost: int, site
+    ) -> None:
         try:
-            prediction = challenger.predict(image)
+            prediction = challenger.predict(image, site)
             self.recorder.shadow(
                 ShadowRecord(
                     prediction_id,

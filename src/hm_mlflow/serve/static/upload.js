@@ -3,7 +3,9 @@
 // still posts one film to "/" and the server renders the answer.
 //
 // Every answer comes from the JSON API the page shares with programs (/api/predict and
-// /api/explain); an error is shown in the API's own words.
+// /api/explain); an error is shown in the API's own words. Each film is sent with the site
+// named in the form. A reader who signs in with their token (kept in this tab's
+// sessionStorage only) gets a label control on each answered row (POST /api/feedback).
 "use strict";
 
 (() => {
@@ -17,13 +19,22 @@
   const rowTemplate = document.getElementById("row-template");
   const mapTemplate = document.getElementById("map-template");
   const submitButton = form.querySelector("button[type=submit]");
+  const siteInput = document.getElementById("site");
+  const reader = document.getElementById("reader");
+  const readerForm = document.getElementById("reader-form");
+  const readerToken = document.getElementById("reader-token");
+  const readerStatus = document.getElementById("reader-status");
+  const signOut = document.getElementById("reader-sign-out");
   const maxFiles = Number(form.dataset.maxFiles);
   const maxBytes = Number(form.dataset.maxBytes);
   const PARALLEL = 2; // uploads in flight: one per server core is plenty
   const RETRIES = 3; // a 503 "busy" answer is retried after its Retry-After
 
-  const entries = []; // one per film of the current set: {file, row, answer, error}
+  const entries = []; // one per film of the current set: {file, row, answer, error, label}
   let running = 0; // sets being classified (a new set may start while one runs)
+  const TOKEN_KEY = "hm-mlflow-reader-token";
+  const SITE_KEY = "hm-mlflow-site";
+  let readerName = null; // the signed-in reader, once the server has confirmed the token
 
   // The enhancement: several files, a drop zone, and the JavaScript-only hints.
   input.multiple = true;
@@ -98,6 +109,7 @@
       request.onerror = () => resolve({ status: 0, body: null, retryAfter: 1 });
       const data = new FormData();
       data.append("file", file, file.name);
+      data.append("site", siteInput.value.trim() || "default");
       request.send(data);
     });
   }
@@ -127,7 +139,7 @@
     const row = rowTemplate.content.firstElementChild.cloneNode(true);
     row.querySelector(".filename").textContent = file.name;
     tbody.append(row);
-    const entry = { file, row, answer: null, error: null };
+    const entry = { file, row, answer: null, error: null, label: null };
     setStatus(entry, "waiting", 0);
     return entry;
   }
@@ -156,7 +168,101 @@
     button.setAttribute("aria-label", `Where did the model look in ${entry.file.name}?`);
     button.addEventListener("click", () => explain(entry, button));
     row.querySelector(".actions").replaceChildren(button);
+    labelControl(entry);
   }
+
+  // --- readers' labels ------------------------------------------------------------------
+
+  function labelControl(entry) {
+    const cell = entry.row.querySelector(".reader-label");
+    cell.hidden = readerName === null;
+    if (readerName === null || !entry.answer || !entry.answer.prediction_id) {
+      cell.replaceChildren();
+      return;
+    }
+    const group = document.createElement("div");
+    group.className = "labels";
+    group.setAttribute("role", "group");
+    group.setAttribute("aria-label", `Reader's label for ${entry.file.name}`);
+    const status = document.createElement("span");
+    status.className = "label-status";
+    status.setAttribute("aria-live", "polite");
+    for (const label of ["NORMAL", "PNEUMONIA"]) {
+      const choice = document.createElement("button");
+      choice.type = "button";
+      choice.className = "secondary";
+      choice.textContent = label;
+      choice.dataset.label = label;
+      choice.setAttribute("aria-pressed", String(entry.label === label));
+      choice.addEventListener("click", () => sendLabel(entry, label, group, status));
+      group.append(choice);
+    }
+    if (entry.label) status.textContent = `Labelled ${entry.label}`;
+    cell.replaceChildren(group, status);
+  }
+
+  async function sendLabel(entry, label, group, status) {
+    status.textContent = "saving…";
+    let response;
+    try {
+      response = await fetch("/api/feedback", {
+        method: "POST",
+        headers: {
+          "Content-Type": "application/json",
+          Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}`,
+        },
+        body: JSON.stringify({ prediction_id: entry.answer.prediction_id, label }),
+      });
+    } catch {
+      status.textContent = "The server could not be reached; the label was not saved.";
+      return;
+    }
+    const body = await response.json().catch(() => null);
+    if (!response.ok) {
+      status.textContent = (body && body.detail) || `Not saved (status ${response.status}).`;
+      if (response.status === 401) setReader(null, body && body.detail);
+      return;
+    }
+    entry.label = label;
+    for (const choice of group.querySelectorAll("button")) {
+      choice.setAttribute("aria-pressed", String(choice.dataset.label === label));
+    }
+    status.textContent = `Labelled ${label} by ${body.reviewer}`;
+    updateSummary();
+  }
+
+  function setReader(name, note) {
+    readerName = name;
+    signOut.hidden = name === null;
+    if (name === null) sessionStorage.removeItem(TOKEN_KEY);
+    readerStatus.textContent = name === null ? note || "" : `Signed in as ${name}: label each answer below.`;
+    for (const header of document.querySelectorAll(".reader-column")) header.hidden = name === null;
+    for (const entry of entries) labelControl(entry);
+  }
+
+  async function signIn(token) {
+    const response = await fetch("/api/reviewer", { headers: { Authorization: `Bearer ${token}` } })
+      .catch(() => null);
+    const body = response ? await response.json().catch(() => null) : null;
+    if (response && response.ok) {
+      sessionStorage.setItem(TOKEN_KEY, token);
+      setReader(body.reviewer);
+      return;
+    }
+    setReader(null, (body && body.detail) || "The server could not be reached; try again.");
+  }
+
+  reader.hidden = false;
+  readerForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = readerToken.value.trim();
+    readerToken.value = "";
+    if (token) signIn(token);
+  });
+  signOut.addEventListener("click", () => setReader(null, "Signed out."));
+  if (sessionStorage.getItem(TOKEN_KEY)) signIn(sessionStorage.getItem(TOKEN_KEY));
+  siteInput.value = localStorage.getItem(SITE_KEY) || siteInput.value;
+  siteInput.addEventListener("change", () => localStorage.setItem(SITE_KEY, siteInput.value.trim()));
 
   async function classify(entry) {
     const response = await ask("/api/predict?thumbnail=true", entry, "classifying");
@@ -206,13 +312,15 @@
     summary.textContent =
       `${done.length} of ${entries.length} films answered` + (failed ? `, ${failed} could not be read` : "");
     document.getElementById("threshold-note").hidden = !done.some((e) => e.answer);
-    const lines = [["file", "label", "probability", "threshold", "model", "model_version", "error"]];
-    for (const { file, answer, error } of done) {
+    const lines = [["file", "label", "probability", "threshold", "model", "model_version",
+                    "site", "prediction_id", "reader_label", "error"]];
+    for (const { file, answer, error, label } of done) {
       lines.push(
         answer
           ? [file.name, answer.label, answer.probability.toFixed(6), answer.threshold.toFixed(6),
-             answer.model.name, answer.model.version, ""]
-          : [file.name, "", "", "", "", "", error],
+             answer.model.name, answer.model.version, answer.site, answer.prediction_id || "",
+             label || "", ""]
+          : [file.name, "", "", "", "", "", "", "", "", error],
       );
     }
     const csv = lines.map((line) => line.map(csvField).join(",")).join("\r\n") + "\r\n";
