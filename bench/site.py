@@ -169,7 +169,7 @@ def choose(pool: list[Sample], count: int, rule: str, scores: dict[str, float], 
     """The films a reader labels first, by `rule`: random, or the model's least sure first
     (the probabilities nearest its threshold: MONAI Label's uncertainty strategy)."""
     if rule == "random":
-        return sorted(pool, key=lambda s: _fraction(f"order:{s.location}"))[:count]
+        return sorted(pool, key=lambda s: _fraction(f"order:{Path(s.location).name}"))[:count]
     return sorted(pool, key=lambda s: abs(scores[s.location] - threshold))[:count]
 
 

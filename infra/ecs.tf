@@ -6,8 +6,13 @@
 #                 mlflow      the tracking server, registry and artifact proxy
 #                 access      with authentication: creates the client users and their grants (exits)
 #   webapp task   webapp      `hm-mlflow serve`: follows the Production alias by itself, so a
-#                             retraining that promotes a version needs no redeployment
+#                             retraining that promotes a version needs no redeployment; records
+#                             every answer in the prediction log (RDS, database `predictions`)
+#                             and keeps each film under s3://DATA_BUCKET/feedback/
+#                 predictions-db  the prediction log's role, database and tables (exits)
 #   training      model-training  `hm-mlflow train` on the data bucket, then exits
+#   monitor       monitor     `hm-mlflow monitor --retrain-on-drift`, daily (monitor.tf), then
+#                             exits; starts the training task when a site drifts
 #
 # Clients reach MLflow at http://mlflow.DOMAIN through the internal load balancer; MLflow's
 # allowed hosts list exactly the names it is reached by. Both servers keep idle connections 75 s,
@@ -72,6 +77,21 @@ locals {
     { name = "MLFLOW_FLASK_SERVER_SECRET_KEY", valueFrom = aws_secretsmanager_secret.mlflow["flask-secret-key"].arn },
   ]
 
+  # The prediction log: a database and role of their own on the RDS instance, made by the MLflow
+  # task's predictions-db step; the password is Terraform's (secrets.tf), given as an ECS secret.
+  prediction_log_env = [
+    { name = "HM_PREDICTIONS_DB_HOST", value = aws_db_instance.mlflow.address },
+    { name = "HM_PREDICTIONS_DB_PORT", value = tostring(aws_db_instance.mlflow.port) },
+    { name = "HM_PREDICTIONS_DB_NAME", value = "predictions" },
+    { name = "HM_PREDICTIONS_DB_USER", value = "predictions" },
+    { name = "HM_PREDICTIONS_DB_SSLMODE", value = "require" },
+  ]
+  prediction_log_secret = {
+    name      = "HM_PREDICTIONS_DB_PASSWORD"
+    valueFrom = aws_secretsmanager_secret.predictions_db.arn
+  }
+  feedback_uri = "s3://${module.data_bucket.id}/${local.feedback_prefix}"
+
   log_configuration = {
     for key, group in local.log_groups : key => {
       logDriver = "awslogs"
@@ -102,6 +122,15 @@ locals {
         command          = ["db-upgrade"]
         environment      = local.mlflow_server_env
         secrets          = [local.db_password]
+        logConfiguration = local.log_configuration["mlflow"]
+      }),
+      merge(local.container_defaults, {
+        name             = "predictions-db"
+        image            = local.image_uri["mlflow"]
+        essential        = false
+        command          = ["predictions-db"]
+        environment      = concat(local.mlflow_server_env, local.prediction_log_env)
+        secrets          = [local.db_password, local.prediction_log_secret]
         logConfiguration = local.log_configuration["mlflow"]
       }),
       merge(local.container_defaults, {
@@ -154,8 +183,10 @@ locals {
         { name = "HM_KEEP_ALIVE_SECONDS", value = tostring(local.keep_alive_seconds) },
         # A fraction of a vCPU per task: one worker each, more tasks under load.
         { name = "HM_WEB_WORKERS", value = tostring(max(1, floor(var.webapp_cpu / 1024))) },
-      ])
-      secrets          = local.mlflow_client_user["webapp"].secrets
+        # Films kept for the readers: the task role may write under this prefix only.
+        { name = "HM_FEEDBACK_URI", value = local.feedback_uri },
+      ], local.prediction_log_env)
+      secrets          = concat(local.mlflow_client_user["webapp"].secrets, [local.prediction_log_secret])
       healthCheck      = local.health_check["webapp"]
       logConfiguration = local.log_configuration["webapp"]
     }),
@@ -169,9 +200,30 @@ locals {
       command   = ["hm-mlflow", "train", "--data", local.data_root]
       environment = concat(local.mlflow_client_env, local.mlflow_client_user["trainer"].environment, [
         { name = "HM_DATA_DIR", value = local.data_root },
-      ])
-      secrets          = local.mlflow_client_user["trainer"].secrets
+      ], local.prediction_log_env)
+      secrets          = concat(local.mlflow_client_user["trainer"].secrets, [local.prediction_log_secret])
       logConfiguration = local.log_configuration["training"]
+    }),
+  ]
+
+  # The monitor signs in to MLflow as the trainer (it logs runs and tags versions) and starts the
+  # training task, which trains on the data bucket and the readers' films.
+  monitor_containers = [
+    merge(local.container_defaults, {
+      name      = "monitor"
+      image     = local.image_uri["model"]
+      essential = true
+      command   = ["hm-mlflow", "monitor", "--retrain-on-drift"]
+      environment = concat(local.mlflow_client_env, local.mlflow_client_user["trainer"].environment, [
+        { name = "HM_RETRAIN_TARGET", value = "ecs" },
+        { name = "HM_RETRAIN_ECS_CLUSTER", value = local.cluster_name },
+        { name = "HM_RETRAIN_ECS_TASK", value = local.training_family },
+        { name = "HM_RETRAIN_ECS_CONTAINER", value = local.training_container },
+        { name = "HM_RETRAIN_ECS_SUBNETS", value = join(",", aws_subnet.private[*].id) },
+        { name = "HM_RETRAIN_ECS_SECURITY_GROUP", value = aws_security_group.this["training"].id },
+      ], local.prediction_log_env)
+      secrets          = concat(local.mlflow_client_user["trainer"].secrets, [local.prediction_log_secret])
+      logConfiguration = local.log_configuration["monitor"]
     }),
   ]
 
@@ -179,6 +231,7 @@ locals {
     mlflow   = { family = "${var.name}-mlflow", cpu = var.mlflow_cpu, memory = var.mlflow_memory, containers = local.mlflow_containers }
     webapp   = { family = "${var.name}-webapp", cpu = var.webapp_cpu, memory = var.webapp_memory, containers = local.webapp_containers }
     training = { family = local.training_family, cpu = var.training_cpu, memory = var.training_memory, containers = local.training_containers }
+    monitor  = { family = "${var.name}-monitor", cpu = var.monitor_cpu, memory = var.monitor_memory, containers = local.monitor_containers }
   }
 }
 

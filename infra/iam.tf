@@ -3,13 +3,16 @@
 #
 #   execution  ECS itself: pull the three images, write the three log groups, read the secrets
 #   mlflow     the MLflow server: read and write its artifact prefix (it proxies every artifact)
-#   webapp     nothing: it talks HTTP to MLflow, which serves it the model
-#   training   read the training data
+#   webapp     write the films it keeps for the readers under DATA_BUCKET/feedback/, and nothing
+#              else: MLflow serves it the model over HTTP
+#   training   read the training data (and the readers' films beside it)
+#   monitor    start the training task and follow it (PassRole limited to that task's two roles)
+#   scheduler  EventBridge Scheduler: start the monitor task (PassRole to its two roles)
 #   notebook   read the training data and the notebook's code, read its MLflow password, start
 #              the training task and follow it (PassRole limited to that task's two roles)
 
 locals {
-  task_roles  = toset(["mlflow", "webapp", "training"])
+  task_roles  = toset(["mlflow", "webapp", "training", "monitor"])
   cluster_arn = "arn:${local.partition}:ecs:${local.region}:${local.account_id}:cluster/${local.cluster_name}"
 }
 
@@ -57,6 +60,7 @@ data "aws_iam_policy_document" "execution" {
     resources = concat(
       [for secret in aws_secretsmanager_secret.mlflow : secret.arn],
       [aws_db_instance.mlflow.master_user_secret[0].secret_arn],
+      [aws_secretsmanager_secret.predictions_db.arn],
     )
   }
   statement {
@@ -135,7 +139,107 @@ resource "aws_iam_role_policy" "training_task" {
   policy = data.aws_iam_policy_document.read_data.json
 }
 
-# The webapp's task role has no policy at all.
+# The webapp writes each film it keeps under the feedback prefix, and can do nothing else there:
+# no read, no list, no delete, no other prefix or bucket.
+data "aws_iam_policy_document" "webapp_task" {
+  statement {
+    sid       = "KeepFilms"
+    actions   = ["s3:PutObject"]
+    resources = ["${module.data_bucket.arn}/${local.feedback_prefix}/*"]
+  }
+  statement {
+    sid       = "EncryptFilms"
+    actions   = ["kms:GenerateDataKey"]
+    resources = [aws_kms_key.main.arn]
+  }
+}
+
+resource "aws_iam_role_policy" "webapp_task" {
+  name   = "keep-films"
+  role   = aws_iam_role.task["webapp"].id
+  policy = data.aws_iam_policy_document.webapp_task.json
+}
+
+# The monitor starts the training task when a site drifts, and nothing else.
+data "aws_iam_policy_document" "monitor_task" {
+  statement {
+    sid       = "StartTraining"
+    actions   = ["ecs:RunTask"]
+    resources = ["arn:${local.partition}:ecs:${local.region}:${local.account_id}:task-definition/${local.training_family}:*"]
+    condition {
+      test     = "ArnEquals"
+      variable = "ecs:cluster"
+      values   = [local.cluster_arn]
+    }
+  }
+  statement {
+    sid       = "PassTrainingRoles"
+    actions   = ["iam:PassRole"]
+    resources = [aws_iam_role.execution.arn, aws_iam_role.task["training"].arn]
+    condition {
+      test     = "StringEquals"
+      variable = "iam:PassedToService"
+      values   = ["ecs-tasks.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "monitor_task" {
+  name   = "start-training"
+  role   = aws_iam_role.task["monitor"].id
+  policy = data.aws_iam_policy_document.monitor_task.json
+}
+
+# --- EventBridge Scheduler: the monitor task, daily -----------------------------------------------
+
+data "aws_iam_policy_document" "scheduler_trust" {
+  statement {
+    actions = ["sts:AssumeRole"]
+    principals {
+      type        = "Service"
+      identifiers = ["scheduler.amazonaws.com"]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceAccount"
+      values   = [local.account_id]
+    }
+  }
+}
+
+resource "aws_iam_role" "scheduler" {
+  name               = "${var.name}-monitor-schedule"
+  assume_role_policy = data.aws_iam_policy_document.scheduler_trust.json
+}
+
+data "aws_iam_policy_document" "scheduler" {
+  statement {
+    sid       = "StartMonitor"
+    actions   = ["ecs:RunTask"]
+    resources = ["arn:${local.partition}:ecs:${local.region}:${local.account_id}:task-definition/${var.name}-monitor:*"]
+    condition {
+      test     = "ArnEquals"
+      variable = "ecs:cluster"
+      values   = [local.cluster_arn]
+    }
+  }
+  statement {
+    sid       = "PassMonitorRoles"
+    actions   = ["iam:PassRole"]
+    resources = [aws_iam_role.execution.arn, aws_iam_role.task["monitor"].arn]
+    condition {
+      test     = "StringEquals"
+      variable = "iam:PassedToService"
+      values   = ["ecs-tasks.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "scheduler" {
+  name   = "start-monitor"
+  role   = aws_iam_role.scheduler.id
+  policy = data.aws_iam_policy_document.scheduler.json
+}
 
 # --- Notebook instance ----------------------------------------------------------------------------
 

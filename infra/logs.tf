@@ -6,6 +6,7 @@ locals {
     mlflow   = "/ecs/${var.name}-mlflow"
     webapp   = "/ecs/${var.name}-webapp"
     training = "/ecs/${var.name}-model-training"
+    monitor  = "/ecs/${var.name}-monitor"
   }
 }
 

@@ -67,6 +67,26 @@ output "training_task_definition" {
   value       = aws_ecs_task_definition.this["training"].family
 }
 
+output "monitor_task_definition" {
+  description = "Family of the monitor task definition (EventBridge Scheduler runs it daily)."
+  value       = aws_ecs_task_definition.this["monitor"].family
+}
+
+output "monitor_security_group_id" {
+  description = "Security group of the monitor task (hm-mlflow cloud reviewer runs in it too)."
+  value       = aws_security_group.this["monitor"].id
+}
+
+output "monitor_schedule" {
+  description = "The EventBridge Scheduler schedule of the monitor task."
+  value       = aws_scheduler_schedule.monitor.name
+}
+
+output "feedback_uri" {
+  description = "Where the webapp keeps each answered film for the readers."
+  value       = local.feedback_uri
+}
+
 output "training_container_name" {
   description = "Container of the training task (for overrides and its log stream)."
   value       = local.training_container

@@ -25,5 +25,6 @@ module "data_bucket" {
 locals {
   artifacts_destination = "s3://${module.artifacts_bucket.id}/mlflow"
   data_root             = "s3://${module.data_bucket.id}/${var.data_prefix}"
+  feedback_prefix       = "feedback" # the webapp's kept films (hm_mlflow.monitoring.films)
   code_uri              = "s3://${module.data_bucket.id}/code/"
 }

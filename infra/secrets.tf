@@ -37,3 +37,25 @@ resource "aws_secretsmanager_secret_version" "mlflow" {
   secret_id     = aws_secretsmanager_secret.mlflow[each.key].id
   secret_string = random_password.mlflow[each.key].result
 }
+
+# The prediction log's database role (hm_mlflow.monitoring): its password generated here, never
+# rotated by AWS (each MLflow task start sets the role's password from this secret, so changing
+# it is `terraform taint random_password.predictions_db` and an apply); read by the webapp,
+# training and monitor tasks as an ECS secret.
+resource "random_password" "predictions_db" {
+  length  = 40
+  special = false # goes into a database URI
+}
+
+resource "aws_secretsmanager_secret" "predictions_db" {
+  #checkov:skip=CKV2_AWS_57:The MLflow task sets the role's password from this secret at every start; a rotation Lambda would change it under the running webapp tasks. Rotate by tainting random_password.predictions_db and applying (README)
+  name                    = "${var.name}/predictions/db"
+  description             = "The prediction log's database role (predictions)"
+  kms_key_id              = aws_kms_key.main.arn
+  recovery_window_in_days = var.secret_recovery_days
+}
+
+resource "aws_secretsmanager_secret_version" "predictions_db" {
+  secret_id     = aws_secretsmanager_secret.predictions_db.id
+  secret_string = random_password.predictions_db.result
+}

@@ -9,6 +9,7 @@ locals {
     mlflow       = "MLflow server tasks"
     webapp       = "Webapp tasks"
     training     = "Training tasks"
+    monitor      = "Monitor tasks (the daily schedule)"
     notebook     = "SageMaker notebook instance"
     database     = "RDS PostgreSQL, MLflow's backend store"
     endpoints    = "VPC interface endpoints"
@@ -20,11 +21,16 @@ locals {
     alb-internal-from-webapp   = { group = "alb_internal", port = 80, source = "webapp" }
     alb-internal-from-training = { group = "alb_internal", port = 80, source = "training" }
     alb-internal-from-notebook = { group = "alb_internal", port = 80, source = "notebook" }
+    alb-internal-from-monitor  = { group = "alb_internal", port = 80, source = "monitor" }
     mlflow-from-alb-public     = { group = "mlflow", port = local.services.mlflow.port, source = "alb_public" }
     mlflow-from-alb-internal   = { group = "mlflow", port = local.services.mlflow.port, source = "alb_internal" }
     webapp-from-alb-public     = { group = "webapp", port = local.services.webapp.port, source = "alb_public" }
     webapp-from-alb-internal   = { group = "webapp", port = local.services.webapp.port, source = "alb_internal" }
     database-from-mlflow       = { group = "database", port = 5432, source = "mlflow" }
+    # The prediction log (its own database on the same instance)
+    database-from-webapp   = { group = "database", port = 5432, source = "webapp" }
+    database-from-training = { group = "database", port = 5432, source = "training" }
+    database-from-monitor  = { group = "database", port = 5432, source = "monitor" }
   }
 
   # The listener ports of the public load balancer, open to each allowed CIDR block.
@@ -36,7 +42,7 @@ locals {
 
   # HTTPS out, to AWS APIs (ECR, S3, CloudWatch Logs, Secrets Manager) through the NAT gateway
   # or the VPC endpoints, and to PyPI from the notebook instance.
-  https_egress = toset(["mlflow", "webapp", "training", "notebook"])
+  https_egress = toset(["mlflow", "webapp", "training", "notebook", "monitor"])
 }
 
 resource "aws_security_group" "this" {

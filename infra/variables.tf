@@ -153,6 +153,24 @@ variable "webapp_requests_per_target" {
   default     = 1200
 }
 
+variable "monitor_schedule" {
+  description = "When EventBridge Scheduler runs the monitor task (hm-mlflow monitor --retrain-on-drift)."
+  type        = string
+  default     = "rate(1 day)"
+}
+
+variable "monitor_cpu" {
+  description = "CPU units of the monitor task."
+  type        = number
+  default     = 512
+}
+
+variable "monitor_memory" {
+  description = "Memory (MiB) of the monitor task."
+  type        = number
+  default     = 1024
+}
+
 variable "training_cpu" {
   description = "CPU units of the training task."
   type        = number

@@ -1,5 +1,5 @@
 """create-buckets: the buckets of the compose stack, a user that can only read the data bucket,
-and the training data in the data bucket.
+a user that can only write the webapp's kept films, and the training data in the data bucket.
 
 Environment (docker-compose.yaml sets it from .env):
 
@@ -9,7 +9,14 @@ Environment (docker-compose.yaml sets it from .env):
                                             the read-only user of the trainer, bootstrap and
                                             JupyterLab: created with a policy that reads the data
                                             bucket and nothing else
+    MINIO_FEEDBACK_USER, MINIO_FEEDBACK_PASSWORD
+                                            the webapp's user: writes objects under
+                                            DATA_BUCKET/FEEDBACK_PREFIX/ (the films kept for the
+                                            readers) and can do nothing else, not even read them
+    FEEDBACK_PREFIX                         feedback
     MINIO_SECURE                            "true" for https (default false)
+    MINIO_REGION                            the region the feedback user's client assumes
+                                            (default us-east-1, MinIO's)
     MLFLOW_BUCKET                           bucket for MLflow's artifacts
     DATA_BUCKET                             bucket for the training data
     UPLOAD_SOURCE                           "true": upload SOURCE_DIR/DATA_PREFIX to the data bucket
@@ -19,7 +26,9 @@ Environment (docker-compose.yaml sets it from .env):
 Idempotent: existing buckets are kept, the user and its policy are set again, files already
 uploaded with the same size are skipped. Only the split folders of the Kaggle layout (train/ val/
 test/) and the synthetic marker are uploaded. The reader's keys are then tried: reading the data
-bucket must work, writing anywhere must be refused; otherwise the job fails. On an S3 store that
+bucket must work, writing anywhere must be refused; the feedback user's: writing under the
+feedback prefix must work, writing anywhere else and reading must be refused; otherwise the job
+fails. On an S3 store that
 is not MinIO (no MinIO admin API) the user must exist already, and is checked the same way. Any
 failure ends the job with a non-zero exit and the reason.
 """
@@ -90,6 +99,20 @@ def reader_policy(bucket: str) -> dict:
     }
 
 
+def feedback_policy(bucket: str, prefix: str) -> dict:
+    """Write objects under the feedback prefix of the data bucket; nothing else."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:PutObject"],
+                "Resource": [f"arn:aws:s3:::{bucket}/{prefix}/*"],
+            }
+        ],
+    }
+
+
 def is_minio(endpoint: str, secure: bool) -> bool:
     """MinIO answers its unauthenticated liveness probe; other S3 stores do not."""
     url = f"{'https' if secure else 'http'}://{endpoint}/minio/health/live"
@@ -100,17 +123,26 @@ def is_minio(endpoint: str, secure: bool) -> bool:
         return False
 
 
-def ensure_reader(admin: MinioAdmin, user: str, password: str, bucket: str) -> None:
-    """Create (or update) the read-only user and its policy through MinIO's admin API."""
-    policy = f"read-{bucket}"
+def ensure_user(admin: MinioAdmin, user: str, password: str, policy: str, document: dict) -> None:
+    """Create (or update) a user and its one policy through MinIO's admin API."""
     admin.user_add(user, password)
-    admin.policy_add(policy, policy=reader_policy(bucket))
+    admin.policy_add(policy, policy=document)
     try:
         admin.attach_policy([policy], user=user)
     except MinioAdminException as exc:  # attached already: MinIO refuses to attach twice
         if "already" not in str(exc).lower():
             raise
-    print(f"user {user}: read-only on bucket {bucket}")
+
+
+def refused(attempt) -> bool:
+    """Whether `attempt()` was refused for want of permission."""
+    try:
+        attempt()
+    except S3Error as exc:
+        if exc.code not in {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId"}:
+            raise
+        return True
+    return False
 
 
 def check_reader(reader: Minio, data_bucket: str, other_bucket: str) -> None:
@@ -120,17 +152,30 @@ def check_reader(reader: Minio, data_bucket: str, other_bucket: str) -> None:
     except S3Error as exc:
         raise SystemExit(f"create-buckets: the reader cannot read {data_bucket}: {exc}") from exc
     for bucket in (data_bucket, other_bucket):
-        try:
-            reader.put_object(bucket, ".write-probe", io.BytesIO(b"x"), 1)
-        except S3Error as exc:
-            if exc.code not in {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId"}:
-                raise
-            continue
-        raise SystemExit(
-            f"create-buckets: the reader's keys can write to {bucket} (s3://{bucket}/.write-probe):"
-            " they must be read-only"
-        )
+        if not refused(lambda b=bucket: reader.put_object(b, ".write-probe", io.BytesIO(b"x"), 1)):
+            raise SystemExit(
+                f"create-buckets: the reader's keys can write to {bucket} "
+                f"(s3://{bucket}/.write-probe): they must be read-only"
+            )
     print(f"reader: reads {data_bucket}, writes nowhere")
+
+
+def check_feedback(writer: Minio, data_bucket: str, prefix: str, other_bucket: str) -> None:
+    """The feedback user's keys write under the prefix and nowhere else, and read nothing."""
+    probe = f"{prefix}/.write-probe"
+    try:
+        writer.put_object(data_bucket, probe, io.BytesIO(b"x"), 1)
+    except S3Error as exc:
+        raise SystemExit(
+            f"create-buckets: the feedback user cannot write s3://{data_bucket}/{probe}: {exc}"
+        ) from exc
+    elsewhere = [(data_bucket, "chest_xray/.write-probe"), (other_bucket, ".write-probe")]
+    for bucket, key in elsewhere:
+        if not refused(lambda b=bucket, k=key: writer.put_object(b, k, io.BytesIO(b"x"), 1)):
+            raise SystemExit(f"create-buckets: the feedback user can write s3://{bucket}/{key}")
+    if not refused(lambda: writer.get_object(data_bucket, probe).read()):
+        raise SystemExit("create-buckets: the feedback user can read what it wrote")
+    print(f"feedback: writes {data_bucket}/{prefix}/, reads nothing")
 
 
 def files_to_upload(root: Path) -> list[Path]:
@@ -178,17 +223,43 @@ def main() -> None:
 
     secure = setting("MINIO_SECURE", "false").lower() == "true"
     reader_user, reader_password = setting("MINIO_READER_USER"), setting("MINIO_READER_PASSWORD")
+    feedback_user = setting("MINIO_FEEDBACK_USER")
+    feedback_password = setting("MINIO_FEEDBACK_PASSWORD")
+    feedback_prefix = setting("FEEDBACK_PREFIX", "feedback").strip("/")
     if is_minio(endpoint, secure):
         admin = MinioAdmin(
             endpoint=endpoint,
             credentials=StaticProvider(setting("MINIO_ROOT_USER"), setting("MINIO_ROOT_PASSWORD")),
             secure=secure,
         )
-        ensure_reader(admin, reader_user, reader_password, data_bucket)
+        ensure_user(
+            admin, reader_user, reader_password, f"read-{data_bucket}", reader_policy(data_bucket)
+        )
+        print(f"user {reader_user}: read-only on bucket {data_bucket}")
+        ensure_user(
+            admin,
+            feedback_user,
+            feedback_password,
+            f"write-{data_bucket}-{feedback_prefix}",
+            feedback_policy(data_bucket, feedback_prefix),
+        )
+        print(f"user {feedback_user}: writes {data_bucket}/{feedback_prefix}/ only")
     else:
-        print(f"{endpoint} is not MinIO (no admin API): the user {reader_user} must exist")
+        print(
+            f"{endpoint} is not MinIO (no admin API): the users {reader_user} and "
+            f"{feedback_user} must exist"
+        )
     reader = Minio(endpoint, access_key=reader_user, secret_key=reader_password, secure=secure)
     check_reader(reader, data_bucket, mlflow_bucket)
+    # With the region given, the client asks no bucket location, which this user may not read.
+    writer = Minio(
+        endpoint,
+        access_key=feedback_user,
+        secret_key=feedback_password,
+        secure=secure,
+        region=setting("MINIO_REGION", "us-east-1"),
+    )
+    check_feedback(writer, data_bucket, feedback_prefix, mlflow_bucket)
 
     if setting("UPLOAD_SOURCE", "false").lower() != "true":
         print("UPLOAD_SOURCE is not true: no data uploaded")

@@ -4,6 +4,9 @@
 #   db-upgrade              `mlflow db upgrade` on the backend store, then exit: run once before
 #                           the server (ECS: a container the server depends on)
 #   access                  `hm-mlflow access`: the client users and their grants, then exit
+#   predictions-db          `hm-mlflow predictions-db init`: the prediction log's database, role
+#                           and tables on the same PostgreSQL server, as its administrator
+#                           (HM_PREDICTIONS_ADMIN_URI, default: the backend store's URI), then exit
 #
 # Everything else comes from MLflow's own environment variables:
 #   MLFLOW_BACKEND_STORE_URI      postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB, or its parts:
@@ -35,6 +38,10 @@ case "${1:-}" in
     db-upgrade)
         : "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI or MLFLOW_DB_HOST}"
         exec mlflow db upgrade "$MLFLOW_BACKEND_STORE_URI" ;;
+    predictions-db)
+        admin="${HM_PREDICTIONS_ADMIN_URI:-${MLFLOW_BACKEND_STORE_URI:-}}"
+        : "${admin:?set HM_PREDICTIONS_ADMIN_URI, MLFLOW_BACKEND_STORE_URI or MLFLOW_DB_HOST}"
+        exec hm-mlflow predictions-db init --admin-uri "$admin" ;;
     access)
         if [ "${MLFLOW_AUTH:-true}" != "true" ]; then
             echo "MLflow authentication is off: no users to create."

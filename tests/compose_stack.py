@@ -293,9 +293,10 @@ class Stack:
 
     def _start_minio(self, name: str) -> subprocess.Popen:
         """SeaweedFS with MinIO's root credentials as its admin keys, S3 API on MinIO's
-        --address. MinIO's admin API, through which create-buckets makes the read-only user,
-        has no stand-in: SeaweedFS is given that user from the start (read and list on the data
-        bucket, nothing else), and create-buckets checks it as it checks the one it makes."""
+        --address. MinIO's admin API, through which create-buckets makes its users, has no
+        stand-in: SeaweedFS is given them from the start (the reader: read and list on the data
+        bucket; the webapp's feedback user: write under the feedback prefix; nothing else), and
+        create-buckets checks them as it checks the ones it makes."""
         env = self.environment(name)
         buckets = self.environment("create-buckets")
         identities = [
@@ -315,6 +316,16 @@ class Stack:
                     }
                 ],
                 "actions": [f"Read:{buckets['DATA_BUCKET']}", f"List:{buckets['DATA_BUCKET']}"],
+            },
+            {
+                "name": "feedback",
+                "credentials": [
+                    {
+                        "accessKey": buckets["MINIO_FEEDBACK_USER"],
+                        "secretKey": buckets["MINIO_FEEDBACK_PASSWORD"],
+                    }
+                ],
+                "actions": [f"Write:{buckets['DATA_BUCKET']}/{buckets['FEEDBACK_PREFIX']}/*"],
             },
         ]
         command = self.services[name]["command"]

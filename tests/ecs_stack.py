@@ -10,14 +10,16 @@ exactly as the listener rules say, to the ports the target groups say.
 What only AWS knows is filled in, and nothing else: the database endpoint and the password RDS
 generates (a PostgreSQL with TLS, like RDS, and a password full of URI-hostile characters), the
 values of the Secrets Manager secrets (each secret resource gets a generated value, the way
-random_password does), the buckets (SeaweedFS's S3 API), the region, and what a task role gives
-(keys for that S3 API, to the containers whose role has S3 access in iam.tf: MLflow's and the
-training task's).
+random_password does), the buckets (SeaweedFS's S3 API), the region, the subnets, and what a task
+role gives (keys for that S3 API, to the containers whose role has S3 access in iam.tf: MLflow's
+and the training task's, which read and write; the webapp's, which may only write under the
+data bucket's feedback prefix, as its policy says).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets as random_secrets
@@ -40,12 +42,16 @@ IMAGES = {
     "mlflow": "mlflow/Dockerfile-mlflow",
     "webapp": "webapp/Dockerfile-webapp",
     "training": "model/Dockerfile-model",
+    "monitor": "model/Dockerfile-model",
 }
 S3_PORT = 9000
 SECRETS_PORT = 4566  # moto, standing in for Secrets Manager (no local server exists)
 S3_KEY, S3_SECRET = "task-role-key", "task-role-secret-key"
-# Roles with S3 access in iam.tf: their containers get the S3 stand-in's keys.
-S3_ROLES = {"mlflow", "training"}
+WEBAPP_KEY, WEBAPP_SECRET = "webapp-role-key", "webapp-role-secret-key"
+# Roles with S3 access in iam.tf: their containers get keys of the S3 stand-in, with what the
+# role's policy allows (the webapp's: write under data-bucket/feedback/, nothing else).
+S3_ROLES = {"mlflow": (S3_KEY, S3_SECRET), "training": (S3_KEY, S3_SECRET)}
+S3_ROLES["webapp"] = (WEBAPP_KEY, WEBAPP_SECRET)
 # tfparse puts a resource's or module's generated id where AWS would put a name it makes.
 _GENERATED = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -97,6 +103,11 @@ class EcsStack:
             "AWS_DEFAULT_REGION": self.aws.region,
             "MLFLOW_ARTIFACTS_DESTINATION": self.aws.artifacts,
             "HM_DATA_DIR": self.aws.data_root,
+            "HM_PREDICTIONS_DB_HOST": "db.local",
+            "HM_PREDICTIONS_DB_PORT": "5432",
+            "HM_FEEDBACK_URI": "s3://data-bucket/feedback",
+            "HM_RETRAIN_ECS_SUBNETS": "subnet-a,subnet-b",
+            "HM_RETRAIN_ECS_SECURITY_GROUP": "sg-training",
         }
         if name not in values:
             raise AssertionError(f"{name} has no value in the Terraform and none stands in for it")
@@ -125,9 +136,10 @@ class EcsStack:
             else:
                 env[item["name"]] = self.aws.secret_values[item["valueFrom"]]
         if task in S3_ROLES:  # what the task role grants
+            key, secret = S3_ROLES[task]
             env.update(
-                AWS_ACCESS_KEY_ID=S3_KEY,
-                AWS_SECRET_ACCESS_KEY=S3_SECRET,
+                AWS_ACCESS_KEY_ID=key,
+                AWS_SECRET_ACCESS_KEY=secret,
                 MLFLOW_S3_ENDPOINT_URL=f"http://s3.local:{S3_PORT}",
                 AWS_ENDPOINT_URL_S3=f"http://s3.local:{S3_PORT}",
             )
@@ -176,9 +188,26 @@ class EcsStack:
         # Other ports than compose_stack's: SeaweedFS keeps a socket per volume port in /tmp,
         # which namespaces share.
         ports = {"master": 29333, "volume": 29350, "filer": 28888, "webdav": 27333}
+        identities = [
+            {
+                "name": "task-role",
+                "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            },
+            {
+                "name": "webapp-role",
+                "credentials": [{"accessKey": WEBAPP_KEY, "secretKey": WEBAPP_SECRET}],
+                "actions": [f"Write:data-bucket/{local_values()['feedback_prefix']}/*"],
+            },
+        ]
+        config = self.workdir / "s3-identities.json"
+        config.write_text(json.dumps({"identities": identities}))
         self._popen(
             "s3",
-            seaweed_argv(self.workdir / "s3", S3_PORT, ports, bind="0.0.0.0"),
+            [
+                *seaweed_argv(self.workdir / "s3", S3_PORT, ports, bind="0.0.0.0"),
+                f"-s3.config={config}",
+            ],
             {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET},
         )
         self._popen(

@@ -323,3 +323,39 @@ def raw_png(width: int, height: int, idat: bytes) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
     )
+
+
+def wait_until(found, timeout: float = 30):
+    """`found()`'s first true answer within `timeout` seconds (exceptions count as not yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = found()
+            if value:
+                return value
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError("not found in time")
+        time.sleep(0.5)
+
+
+def logged(ns, env: dict, prediction_id: str) -> dict | None:
+    """A row of the prediction log (its summary left out), read inside the network namespace
+    `ns` with a service's own settings `env` (the database answers only there)."""
+    script = (
+        "import json, sys; from hm_mlflow.config import get_settings; "
+        "from hm_mlflow.monitoring.store import PredictionLog; "
+        "row = PredictionLog(get_settings().prediction_log_uri).get(sys.argv[1]); "
+        "print(json.dumps(row and {k: v for k, v in row.items() if k != 'summary'}, default=str))"
+    )
+    done = subprocess.run(
+        ns.argv([str(BIN / "python"), "-c", script, prediction_id]),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])

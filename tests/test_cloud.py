@@ -75,6 +75,24 @@ def aws(monkeypatch):
                 }
             ],
         )
+        ecs.register_task_definition(
+            family="hm-mlflow-monitor",
+            requiresCompatibilities=["FARGATE"],
+            networkMode="awsvpc",
+            cpu="512",
+            memory="1024",
+            containerDefinitions=[
+                {
+                    "name": "monitor",
+                    "image": "x.dkr.ecr/hm-mlflow/model:0.1.0",
+                    "cpu": 512,
+                    "memory": 1024,
+                    "essential": True,
+                    "command": ["hm-mlflow", "monitor", "--retrain-on-drift"],
+                }
+            ],
+        )
+        monitor_group = ec2.create_security_group(GroupName="monitor", Description="m", VpcId=vpc)
         for service in ("mlflow", "webapp"):
             ecs.register_task_definition(
                 family=f"hm-mlflow-{service}",
@@ -113,11 +131,16 @@ def aws(monkeypatch):
             },
             "training_task_definition": "hm-mlflow-model-training",
             "training_container_name": "model-training",
+            "monitor_task_definition": "hm-mlflow-monitor",
+            "monitor_security_group_id": monitor_group["GroupId"],
             "private_subnet_ids": subnets,
             "task_security_group_id": group["GroupId"],
             "data_root": "s3://data-bucket/chest_xray",
             "code_uri": "s3://data-bucket/code/",
-            "log_groups": {"training": "/ecs/hm-mlflow-model-training"},
+            "log_groups": {
+                "training": "/ecs/hm-mlflow-model-training",
+                "monitor": "/ecs/hm-mlflow-monitor",
+            },
             "log_stream_prefix": "ecs",
             "model_name": "chest-xray-pneumonia",
             "image_tag": "0.1.0",
@@ -391,3 +414,70 @@ def test_training_summary_is_found_in_the_log():
     lines = ["noise {not json", *json.dumps(SUMMARY, indent=2).splitlines(), "trailing"]
     assert cloud.training_summary(lines) == SUMMARY
     assert cloud.training_summary(["no json here"]) is None
+
+
+def test_a_readers_token_is_made_here_and_only_its_hash_goes_to_aws(aws, tmp_path):
+    import hashlib
+
+    aws_session, outputs = aws
+    requests = []
+    aws_session.events.register(
+        "provide-client-params.ecs.RunTask", lambda params, **_: requests.append(params)
+    )
+    result = CliRunner().invoke(
+        cli,
+        [
+            "cloud",
+            "--outputs",
+            str(write_outputs(tmp_path, outputs)),
+            "reviewer-add",
+            "ann",
+            "--poll-seconds",
+            "0",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip().splitlines()[-1]
+    assert token.startswith("hmr_")
+    (request,) = requests
+    assert request["taskDefinition"] == "hm-mlflow-monitor"
+    network = request["networkConfiguration"]["awsvpcConfiguration"]
+    assert network["securityGroups"] == [outputs["monitor_security_group_id"]]
+    (override,) = request["overrides"]["containerOverrides"]
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    assert override == {
+        "name": "monitor",
+        "command": ["hm-mlflow", "reviewer", "add", "ann", "--token-hash", digest],
+    }
+    assert token not in json.dumps(request)
+    bad = CliRunner().invoke(
+        cli, ["cloud", "--outputs", str(write_outputs(tmp_path, outputs)), "reviewer-add", "a/b"]
+    )
+    assert bad.exit_code == 1 and "reviewer's name" in bad.output
+
+
+def test_the_monitor_starts_the_ecs_training_task_when_told_to(aws, monkeypatch):
+    from hm_mlflow.config import Settings
+    from hm_mlflow.monitoring.monitor import start_retraining
+
+    aws_session, outputs = aws
+    requests = []
+    aws_session.events.register(
+        "provide-client-params.ecs.RunTask", lambda params, **_: requests.append(params)
+    )
+    settings = Settings(
+        retrain_target="ecs",
+        retrain_ecs_cluster="hm-mlflow-cluster",
+        retrain_ecs_task="hm-mlflow-model-training",
+        retrain_ecs_subnets=",".join(outputs["private_subnet_ids"]),
+        retrain_ecs_security_group=outputs["task_security_group_id"],
+    )
+    outcome = start_retraining(settings, echo=lambda line: None)
+    (request,) = requests
+    assert outcome.startswith("ECS task arn:aws:ecs:")
+    assert request["taskDefinition"] == "hm-mlflow-model-training"
+    assert (
+        request["networkConfiguration"]["awsvpcConfiguration"]["subnets"]
+        == (outputs["private_subnet_ids"])
+    )
+    assert "overrides" not in request  # the task definition's own command: train on the bucket

@@ -78,8 +78,10 @@ def test_docker_compose_resolves_references_builds_and_profiles():
         "create-buckets": [],
         "mlflow": [],
         "mlflow-access": [],
+        "predictions-db": [],
         "webapp": [],
         "bootstrap": [],
+        "monitor": [],
         "trainer": ["train"],
         "jupyter": ["notebook"],
     }

@@ -21,7 +21,7 @@ from hm_mlflow.dataset import list_split
 from hm_mlflow.synthetic import write_sample_set
 
 from compose_stack import REPO, Stack, can_run, compose_config, fresh_workdir
-from support import BIN, NOTEBOOK, executed_text, wait_for_version
+from support import BIN, NOTEBOOK, executed_text, logged, wait_for_version, wait_until
 
 pytestmark = pytest.mark.integration
 MODEL = "chest-xray-pneumonia"  # HM_MODEL_NAME in .env.example
@@ -130,6 +130,7 @@ def test_compose_stack_runs_as_declared(workdir, sample_root):
             "bootstrap",
             "trainer",
             "jupyter",
+            "monitor",
         }
         for name in ("bootstrap", "trainer", "jupyter"):
             assert stack.environment(name)["AWS_ACCESS_KEY_ID"] == env["MINIO_READER_USER"]
@@ -156,10 +157,47 @@ def test_compose_stack_runs_as_declared(workdir, sample_root):
         answer = httpx.post(
             f"http://{stack.address}:8080/api/predict",
             files={"file": (film.name, film.read_bytes())},
+            data={"site": "compose-site"},
             timeout=60,
         )
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"] == {"name": MODEL, "version": "1"}
+
+        # The answer is in the prediction log (its own database and role on the postgres
+        # service), its film under datasource/feedback/ written with keys that can write there
+        # and nowhere else.
+        assert "tables ready" in stack.tail("predictions-db")
+        webapp_env = stack.environment("webapp")
+        recorded = wait_until(lambda: logged(stack.ns, webapp_env, answer.json()["prediction_id"]))
+        assert recorded["site"] == "compose-site" and recorded["model_version"] == "1"
+        kept = recorded["film"]
+        assert kept.startswith(f"s3://{env['DATA_BUCKET']}/feedback/films/")
+        bucket, _, key = kept.removeprefix("s3://").partition("/")
+        assert wait_until(lambda: s3.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        assert webapp_env["AWS_ACCESS_KEY_ID"] == env["MINIO_FEEDBACK_USER"]
+        assert "feedback: writes datasource/feedback/, reads nothing" in stack.tail(
+            "create-buckets"
+        )
+        as_webapp = boto3.client(
+            "s3",
+            endpoint_url=f"http://{stack.address}:9000",
+            aws_access_key_id=env["MINIO_FEEDBACK_USER"],
+            aws_secret_access_key=env["MINIO_FEEDBACK_PASSWORD"],
+            region_name="us-east-1",
+        )
+        for bucket_name, key_name in (
+            (env["MLFLOW_BUCKET"], "x"),
+            (env["DATA_BUCKET"], "chest_xray/x"),
+        ):
+            with pytest.raises(ClientError):
+                as_webapp.put_object(Bucket=bucket_name, Key=key_name, Body=b"x")
+        with pytest.raises(ClientError):
+            as_webapp.get_object(Bucket=bucket, Key=key)
+
+        # The monitor's first pass: the version in service, logged to MLflow.
+        stack.up(["monitor"])
+        wait_until(lambda: "monitoring run" in stack.tail("monitor"), timeout=120)
+        assert "no retraining" in stack.tail("monitor")
 
         # MLflow from the host, through the published port: the run was trained on the bucket.
         alias = mlflow_api(stack, "registered-models/alias", name=MODEL, alias="production")

@@ -16,12 +16,13 @@ import time
 import boto3
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 
 from hm_mlflow.synthetic import write_sample_set
 
 from compose_stack import can_run, fresh_workdir
-from ecs_stack import DOMAIN, S3_KEY, S3_PORT, S3_SECRET, EcsStack
-from support import BIN, NOTEBOOK, executed_text
+from ecs_stack import DOMAIN, S3_KEY, S3_PORT, S3_SECRET, WEBAPP_KEY, WEBAPP_SECRET, EcsStack
+from support import BIN, NOTEBOOK, executed_text, logged, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -122,6 +123,35 @@ def test_the_cloud_deployment_trains_promotes_and_serves(stack, tmp_path):
         time.sleep(1)
     assert answer.status_code == 200, f"{answer.text}\n{stack.tail('webapp-webapp')}"
     assert answer.json()["model"]["version"] == "1"
+
+    # The answer is in the prediction log (the RDS instance's own `predictions` database, made
+    # by the MLflow task's predictions-db step, over TLS) and its film under the data bucket's
+    # feedback prefix, written with the webapp role's keys, which can do nothing else.
+    assert "tables ready" in stack.tail("mlflow-predictions-db")
+    _, webapp_env = stack.resolve("webapp", "webapp")
+    row = wait_until(lambda: logged(stack.ns, webapp_env, answer.json()["prediction_id"]))
+    assert row["model_version"] == "1" and row["film"].startswith("s3://data-bucket/feedback/")
+    key = row["film"].removeprefix("s3://data-bucket/")
+    assert wait_until(lambda: s3(stack).head_object(Bucket="data-bucket", Key=key))
+    as_webapp = boto3.client(
+        "s3",
+        endpoint_url=f"http://{stack.address}:{S3_PORT}",
+        aws_access_key_id=WEBAPP_KEY,
+        aws_secret_access_key=WEBAPP_SECRET,
+        region_name="us-east-1",
+    )
+    for bucket, name in (("data-bucket", "chest_xray/x"), ("artifacts-bucket", "mlflow/x")):
+        with pytest.raises(ClientError):
+            as_webapp.put_object(Bucket=bucket, Key=name, Body=b"x")
+    with pytest.raises(ClientError):
+        as_webapp.get_object(Bucket="data-bucket", Key=key)
+
+    # The monitor task, as the daily schedule starts it: MLflow gets the in-service figures.
+    stack.run("monitor", "monitor")
+    code = stack.wait_exit("monitor-monitor", timeout=300)
+    assert code == 0, stack.tail("monitor-monitor")
+    assert "monitoring run" in stack.tail("monitor-monitor")
+    assert "no retraining" in stack.tail("monitor-monitor")
 
     # Least privilege: the webapp reads, and only reads.
     model = {"name": "chest-xray-pneumonia"}

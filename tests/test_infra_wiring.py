@@ -143,7 +143,7 @@ def test_log_groups_match_the_task_definitions():
 def test_every_secret_comes_from_secrets_manager_and_no_password_is_plain_environment():
     secret_ids = {s["id"] for s in resources("aws_secretsmanager_secret").values()}
     raw = raw_locals()
-    for task in ("mlflow", "webapp", "training"):
+    for task in ("mlflow", "webapp", "training", "monitor"):
         for definition in containers(task):
             for secret in definition.get("secrets", []):
                 value = secret["valueFrom"]
@@ -159,11 +159,20 @@ def test_every_secret_comes_from_secrets_manager_and_no_password_is_plain_enviro
             for name in env(definition):
                 assert not re.search(r"PASSWORD|SECRET|TOKEN", name), (definition["name"], name)
     # With authentication, every MLflow client signs in with a password from a secret.
-    assert {s["name"] for s in container("webapp", "webapp")["secrets"]} == {
-        "MLFLOW_TRACKING_PASSWORD"
-    }
+    # The prediction log's password too, for the tasks that use it.
+    for task, name in (
+        ("webapp", "webapp"),
+        ("training", "model-training"),
+        ("monitor", "monitor"),
+    ):
+        assert {s["name"] for s in container(task, name)["secrets"]} == {
+            "MLFLOW_TRACKING_PASSWORD",
+            "HM_PREDICTIONS_DB_PASSWORD",
+        }, task
+        assert env(container(task, name))["HM_PREDICTIONS_DB_SSLMODE"] == "require"
     assert env(container("webapp", "webapp"))["MLFLOW_TRACKING_USERNAME"] == "webapp"
     assert env(containers("training")[0])["MLFLOW_TRACKING_USERNAME"] == "trainer"
+    assert env(container("monitor", "monitor"))["MLFLOW_TRACKING_USERNAME"] == "trainer"
     # The database password is RDS's own, never in Terraform state.
     database = one("aws_db_instance", "aws_db_instance.mlflow")
     assert database["manage_master_user_password"] is True
@@ -221,6 +230,7 @@ def test_every_security_group_is_attached():
         "mlflow": "aws_ecs_service",
         "webapp": "aws_ecs_service",
         "training": "task_security_group_id",
+        "monitor": "aws_scheduler_schedule",
         "notebook": "aws_sagemaker_notebook_instance",
         "database": "aws_db_instance",
         "endpoints": "aws_vpc_endpoint",
@@ -298,10 +308,16 @@ def test_iam_least_privilege():
     # Resource "*" only where AWS allows nothing narrower (each says why).
     for match in re.finditer(r'resources\s*=\s*\["\*"\](.*)', text):
         assert "#" in match.group(1), "a resource of * without its reason"
-    # The webapp's role has no policy; only the MLflow role touches the artifact bucket.
-    policies = resources("aws_iam_role_policy")
-    roles = {address(p["role"]) for p in policies.values()}
-    assert 'aws_iam_role.task["webapp"]' not in roles
+    # The webapp's role may only write its kept films under the feedback prefix; only the MLflow
+    # role touches the artifact bucket.
+    webapp = iam[iam.index('data "aws_iam_policy_document" "webapp_task"') :]
+    webapp = webapp[: webapp.index('\nresource "')]
+    assert re.findall(r"actions\s*=\s*\[([^\]]*)\]", webapp) == [
+        '"s3:PutObject"',
+        '"kms:GenerateDataKey"',
+    ]
+    assert '"${module.data_bucket.arn}/${local.feedback_prefix}/*"' in webapp
+    assert local_values()["feedback_prefix"] == "feedback"
     artifact_users = [m.start() for m in re.finditer(r"module\.artifacts_bucket", iam)]
     mlflow_policy = iam.index('data "aws_iam_policy_document" "mlflow_task"')
     next_block = iam.index('\nresource "', mlflow_policy)

@@ -740,6 +740,24 @@ def retrain(ctx: click.Context, params, poll_seconds: float, timeout: float) -> 
         click.echo("The task succeeded; set MLFLOW_TRACKING_URI to see the registry from here.")
 
 
+@cloud.command("reviewer-add")
+@click.argument("name")
+@click.option("--replace", is_flag=True, help="Give an existing reviewer a new token.")
+@click.option("--poll-seconds", type=float, default=5.0, show_default=True)
+@click.pass_context
+@cloud_errors
+def cloud_reviewer_add(ctx: click.Context, name: str, replace: bool, poll_seconds: float) -> None:
+    """A reader's token for the deployment (made here; only its hash goes to AWS)."""
+    from hm_mlflow.cloud import add_reviewer
+
+    try:
+        token = add_reviewer(_outputs(ctx), name, replace, poll_seconds, echo=click.echo)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Reviewer {name} added. Their token (shown once, keep it secret):", err=True)
+    click.echo(token)
+
+
 @cloud.command()
 @click.pass_context
 @cloud_errors

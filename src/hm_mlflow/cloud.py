@@ -344,36 +344,58 @@ class TrainingTask:
         return self.exit_code == 0
 
 
-def start_training(ecs, outputs: Outputs, params: dict[str, str] | None = None) -> str:
-    """`aws ecs run-task` of the training task definition; its ARN."""
-    container = outputs["training_container_name"]
+def start_task(
+    ecs,
+    outputs: Outputs,
+    family: str,
+    container: str,
+    security_group: str,
+    command: list[str] | None = None,
+    doing: str = "the training task",
+) -> str:
+    """`aws ecs run-task` of a task definition of the deployment in its private subnets, its
+    container's command replaced by `command` if given; the task's ARN."""
     request = {
         "cluster": outputs["cluster_name"],
-        "taskDefinition": outputs["training_task_definition"],
+        "taskDefinition": family,
         "launchType": "FARGATE",
         "count": 1,
         "startedBy": "hm-mlflow-cloud",
         "networkConfiguration": {
             "awsvpcConfiguration": {
                 "subnets": list(outputs["private_subnet_ids"]),
-                "securityGroups": [outputs["task_security_group_id"]],
+                "securityGroups": [security_group],
                 "assignPublicIp": "DISABLED",
             }
         },
     }
-    if params:
-        command = ["hm-mlflow", "train", "--data", outputs["data_root"]]
-        for name, value in params.items():
-            command += ["--param", f"{name}={value}"]
+    if command:
         request["overrides"] = {"containerOverrides": [{"name": container, "command": command}]}
-    with aws_errors("start the training task"):
+    with aws_errors(f"start {doing}"):
         response = ecs.run_task(**request)
     if response.get("failures") or not response.get("tasks"):
         reasons = "; ".join(
             f"{f.get('reason')} ({f.get('arn', '')})".strip() for f in response.get("failures", [])
         )
-        raise CloudError(f"ECS did not start the training task: {reasons or 'no task returned'}")
+        raise CloudError(f"ECS did not start {doing}: {reasons or 'no task returned'}")
     return response["tasks"][0]["taskArn"]
+
+
+def start_training(ecs, outputs: Outputs, params: dict[str, str] | None = None) -> str:
+    """`aws ecs run-task` of the training task definition; its ARN."""
+    command = None
+    if params:
+        command = ["hm-mlflow", "train", "--data", outputs["data_root"]]
+        for name, value in params.items():
+            command += ["--param", f"{name}={value}"]
+    return start_task(
+        ecs,
+        outputs,
+        outputs["training_task_definition"],
+        outputs["training_container_name"],
+        outputs["task_security_group_id"],
+        command,
+    )
 
 
 def wait_for_task(
@@ -471,6 +493,50 @@ def retrain(
         log_lines=lines,
         summary=training_summary(lines),
     )
+
+
+def add_reviewer(
+    outputs: Outputs,
+    name: str,
+    replace: bool = False,
+    poll: float = 5.0,
+    timeout: float = 600.0,
+    echo: Callable[[str], None] = print,
+) -> str:
+    """A reader's token for the deployment: made here, its SHA-256 stored by a one-off run of
+    the monitor task (`hm-mlflow reviewer add NAME --token-hash H`), which reaches the
+    prediction log inside the VPC. The token itself never leaves this machine: not in the
+    task's command, its log or any AWS service. Returns the token."""
+    from hm_mlflow.monitoring import reviewers
+
+    reviewers.check_name(name)
+    token = reviewers.new_token()
+    command = ["hm-mlflow", "reviewer", "add", name, "--token-hash", reviewers.token_hash(token)]
+    if replace:
+        command.append("--replace")
+    aws = session(outputs["region"])
+    ecs, logs = aws.client("ecs"), aws.client("logs")
+    container = "monitor"
+    arn = start_task(
+        ecs,
+        outputs,
+        outputs["monitor_task_definition"],
+        container,
+        outputs["monitor_security_group_id"],
+        command,
+        doing="the reviewer task",
+    )
+    echo(f"Started {arn}")
+    task = wait_for_task(ecs, outputs["cluster_name"], arn, poll, timeout, echo)
+    found = next((c for c in task.get("containers", []) if c.get("name") == container), {})
+    if found.get("exitCode") != 0:
+        stream = f"{outputs['log_stream_prefix']}/{container}/{arn.rsplit('/', 1)[-1]}"
+        tail = task_log(logs, outputs["log_groups"]["monitor"], stream)
+        why = (
+            found.get("reason") or task.get("stoppedReason") or f"exit code {found.get('exitCode')}"
+        )
+        raise CloudError(f"the reviewer was not added ({why}): {' | '.join(tail[-5:])}")
+    return token
 
 
 # --- status ---------------------------------------------------------------------------------------
