@@ -11,7 +11,8 @@ COMPOSE := .venv-compose/bin/docker-compose
 # checkov scans infra/; its pins clash with the project's, hence an environment of its own too.
 CHECKOV := .venv-checkov/bin/checkov
 
-.PHONY: help up test lint train sample bench bundle-model clean lock provider-schemas notebook
+.PHONY: help up test lint train sample bench bundle-model clean lock provider-schemas notebook \
+        reviewer monitor
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -51,6 +52,13 @@ notebook: $(STAMP)  ## JupyterLab on the training notebook (with make up running
 train: $(STAMP)  ## train on HM_DATA_DIR (default source/chest_xray) against the running platform
 	$(BIN)/hm-mlflow train
 
+reviewer: $(STAMP)  ## a reader's token to label answers: make reviewer NAME=ann
+	@test -n "$(NAME)" || { echo "usage: make reviewer NAME=ann"; exit 2; }
+	$(BIN)/hm-mlflow reviewer add $(NAME)
+
+monitor: $(STAMP)  ## how each version does in service, into MLflow, once (with make up running)
+	$(BIN)/hm-mlflow monitor
+
 sample: $(STAMP)  ## generate the synthetic sample set into .state/sample
 	$(BIN)/hm-mlflow sample
 
@@ -59,10 +67,11 @@ SHARED_DATA ?= ../shared/data/cxr
 bundle-model: $(STAMP)  ## retrain the bundled model on ../shared/data/cxr
 	$(BIN)/hm-mlflow bundle-model --data $(SHARED_DATA)
 
-bench: $(STAMP)  ## benchmarks on ../shared/data/cxr: features, model quality, serving (needs wrk)
+bench: $(STAMP)  ## benchmarks on ../shared/data/cxr: features, quality, serving (needs wrk), a new site
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/site.py
 
 lock:  ## re-pin every transitive dependency in constraints.txt from a fresh environment
 	rm -rf /tmp/hm-mlflow-lock && $(PYTHON) -m venv /tmp/hm-mlflow-lock

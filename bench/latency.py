@@ -10,6 +10,10 @@
 4. Throughput: wrk, 8 connections on 2 threads for --duration seconds, each request one of the
    films as multipart/form-data (a Lua script cycles through them): sustained requests/s and
    every error (non-2xx, socket errors). The client runs on the same cores as the server.
+5. The loop's cost: the same latency measurement on three servers, one after the other in
+   each run (in a rotating order): the prediction log off (HM_RECORD_PREDICTIONS=false); on,
+   films kept, no challenger (the default); on, with a challenger scoring every film in shadow
+   (the same model registered again under the alias `challenger`). p50 and the ratio to "off".
 
     .venv/bin/python bench/latency.py [--data ../shared/data/cxr] [--runs 3]
 
@@ -177,6 +181,16 @@ def throughput(url: str, payloads: list[tuple[str, bytes]], duration: int, tmp: 
     }
 
 
+def wait_for_challenger(url: str, version: str, timeout: float = 60) -> None:
+    """Until every worker follows the challenger (each /health on its own connection)."""
+    deadline, in_a_row = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline and in_a_row < 6:
+        in_a_row = in_a_row + 1 if httpx.get(f"{url}/health").json()["challenger"] == version else 0
+        time.sleep(0.2)
+    if in_a_row < 6:
+        raise SystemExit("the challenger was not loaded")
+
+
 def train_model(data: Path, tmp: Path) -> tuple[str, str]:
     uri = f"sqlite:///{tmp}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HM_MODEL_NAME": "bench-latency"}
@@ -191,11 +205,42 @@ def train_model(data: Path, tmp: Path) -> tuple[str, str]:
     return uri, "bench-latency"
 
 
+def add_challenger(uri: str, name: str) -> str:
+    """The Production version registered again (same files, same checksums) with the alias
+    `challenger`: a shadow scorer as costly as the champion."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)  # the registry resolves the logged model's source through it
+    client = MlflowClient(uri)
+    production = client.get_model_version_by_alias(name, "production")
+    twin = client.create_model_version(
+        name, production.source, production.run_id, tags=dict(production.tags)
+    )
+    client.set_registered_model_alias(name, "challenger", twin.version)
+    return str(twin.version)
+
+
+LOOP_MODES = {
+    "log off": {"HM_RECORD_PREDICTIONS": "false"},
+    "log on": {"HM_SHADOW": "false"},
+    "log on + shadow challenger": {},
+}
+
+
 @contextmanager
-def serving(uri: str, name: str, workers: int, cwd: Path) -> Iterator[str]:
+def serving(
+    uri: str, name: str, workers: int, cwd: Path, extra: dict | None = None
+) -> Iterator[str]:
     """`hm-mlflow serve` on the model, ready; yields its URL and stops it afterwards."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HM_MODEL_NAME": name}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "HM_MODEL_NAME": name,
+        "HM_STATE_DIR": str(cwd / "state"),
+        **(extra or {}),
+    }
     command = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     server = subprocess.Popen(
         [str(BIN / "hm-mlflow"), *command],
@@ -258,6 +303,20 @@ def main() -> None:
                     f"{decode * 1000:.2f} ms, {load.get('rate', float('nan')):.1f} req/s",
                     flush=True,
                 )
+        twin = add_challenger(uri, name)
+        loop = {mode: [] for mode in LOOP_MODES}
+        order = list(LOOP_MODES)
+        for run in range(args.runs):
+            for mode in order[run % len(order) :] + order[: run % len(order)]:
+                with serving(uri, name, workers, tmp, LOOP_MODES[mode]) as url:
+                    if mode.endswith("challenger"):
+                        wait_for_challenger(url, twin)
+                    loop[mode].append(statistics.median(latency(url, payloads, args.requests)))
+            print(
+                f"run {run + 1}: "
+                + ", ".join(f"{mode} {loop[mode][-1] * 1000:.2f} ms" for mode in LOOP_MODES),
+                flush=True,
+            )
 
     sizes = [len(data) for _, data in payloads]
     shapes = [
@@ -289,9 +348,18 @@ def main() -> None:
             f"{sum(r['non_2xx'] for r in runs)}, socket {sum(r['socket_errors'] for r in runs)}"
             f" (over {sum(r['requests'] for r in runs)} requests)"
         )
+    off = statistics.median(loop["log off"])
+    print(f"the loop's cost, p50 of {args.requests} requests, medians of {len(runs)} runs:")
+    for mode, values in loop.items():
+        middle = statistics.median(values)
+        print(f"  {mode:<28} {middle * 1000:.2f} ms  ({middle / off:.3f} x log off)")
     print(
         json.dumps(
             {
+                **{
+                    f"p50_ms_{m.replace(' ', '_')}": statistics.median(v) * 1000
+                    for m, v in loop.items()
+                },
                 "p50_ms": p[50] * 1000,
                 "p95_ms": p[95] * 1000,
                 "p99_ms": p[99] * 1000,

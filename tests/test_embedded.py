@@ -51,6 +51,23 @@ def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
             files={"file": ("film.jpeg", make_film(seed=5, pneumonia=True))},
         )
         assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
+        # The loop with no extra step: the answer is in the state folder's prediction log, a
+        # reader's token comes from one command, the label is taken and the site monitored.
+        assert f"monitoring {webapp_url}/monitoring" in output and "reviewer add NAME" in output
+        made = run_hm_mlflow(["reviewer", "add", "ann"], env, tmp_path)
+        assert made.returncode == 0, made.stderr
+        labelled = httpx.post(
+            f"{webapp_url}/api/feedback",
+            json={"prediction_id": answer.json()["prediction_id"], "label": "PNEUMONIA"},
+            headers={"Authorization": f"Bearer {made.stdout.strip()}"},
+        )
+        assert labelled.status_code == 200, labelled.text
+        assert (state / "predictions.db").is_file() and any(
+            (state / "feedback" / "films").rglob("*.*")
+        )
+        sites = httpx.get(f"{webapp_url}/api/monitoring").json()["sites"]
+        assert [(s["site"], s["films"], s["labelled"]) for s in sites] == [("default", 1, 1)]
+        assert processes_mentioning("hm-mlflow monitor --every")  # the monitor runs beside them
         # The page's "About this model" says where it comes from and links to its run.
         page = httpx.get(webapp_url).text
         assert 'data-kind="bundled"' in page and "Kermany" in page
@@ -59,6 +76,7 @@ def test_up_bootstraps_serves_stops_and_restarts(platform_env, tmp_path):
         assert ctrl_c(process) == 0
         assert processes_mentioning(str(state)) == []
         assert processes_mentioning(f"--port {env['HM_WEBAPP_PORT']}") == []
+        assert processes_mentioning("hm-mlflow monitor --every") == []
     finally:
         stop(process)
 

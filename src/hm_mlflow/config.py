@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     challenger_alias: str = "challenger"
     shadow: bool = Field(True, description="score each film with the challenger too, off-path")
     monitoring_experiment: str = "chest-xray-monitoring"
+    monitor_seconds: float = Field(
+        3600.0, gt=0, description="how often make up and compose run hm-mlflow monitor"
+    )
     monitor_cache_seconds: float = Field(30.0, ge=0, description="age of /api/monitoring's figures")
     drift_window: int = Field(500, ge=10, description="a site's most recent films drift is run on")
     drift_min_films: int = Field(30, ge=5, description="films a site needs before a verdict")

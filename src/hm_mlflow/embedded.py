@@ -5,9 +5,10 @@
 2. when no version holds the Production alias: the bundled model (`hm_mlflow.bundle`), trained
    on the Kaggle films, registered in seconds (or, with HM_FIRST_MODEL=train, a training run on
    the data folder, on a synthetic sample set when it holds no images);
-3. the webapp, once MLflow is healthy.
+3. the webapp, once MLflow is healthy (its prediction log and kept films in the state folder too);
+4. `hm-mlflow monitor` every HM_MONITOR_SECONDS: how each version does in service, into MLflow.
 
-Ctrl-C (or SIGTERM) stops both servers. Everything lives in the state folder, so runs and models
+Ctrl-C (or SIGTERM) stops them all. Everything lives in the state folder, so runs and models
 survive a restart.
 """
 
@@ -60,6 +61,9 @@ class Service:
             env={**os.environ, **self.env},
             start_new_session=True,
         )
+
+    def started(self) -> bool:
+        return self.process is not None
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -166,6 +170,7 @@ class Platform:
         self.settings = settings
         self.trainer: subprocess.Popen | None = None
         self.hurry = False
+        self.monitor_said = False
         self.mlflow_url = f"http://{settings.mlflow_host}:{settings.mlflow_port}"
         self.webapp_url = f"http://{settings.webapp_host}:{settings.webapp_port}"
         self.env = {"MLFLOW_TRACKING_URI": self.mlflow_url}
@@ -189,6 +194,14 @@ class Platform:
             ],
             f"{self.webapp_url}/health",
             logs / "webapp.log",
+            self.env,
+        )
+        # No retraining from here: the embedded platform's data folder is the person's own.
+        self.monitor = Service(
+            "monitor",
+            [str(BIN / "hm-mlflow"), "monitor", "--every", f"{settings.monitor_seconds:g}"],
+            "",
+            logs / "monitor.log",
             self.env,
         )
 
@@ -233,12 +246,15 @@ class Platform:
                 timeout=120, ready=lambda b: isinstance(b, dict) and b.get("model_loaded")
             )
             model = status["model"]
+            self.monitor.start()
             print(
                 f"\nhm-mlflow is up:\n"
                 f"  MLflow UI  {self.mlflow_url}\n"
                 f"  webapp     {self.webapp_url}  (serving {model['name']} version "
                 f"{model['version']}{', synthetic data' if model['synthetic'] else ''})\n"
+                f"  monitoring {self.webapp_url}/monitoring\n"
                 f"  logs       {self.settings.state_dir / 'logs'}/\n"
+                f"A reader's token, to label answers: {BIN / 'hm-mlflow'} reviewer add NAME\n"
                 f"Press Ctrl-C to stop.",
                 flush=True,
             )
@@ -249,7 +265,8 @@ class Platform:
             self.stop()
 
     def watch(self) -> None:
-        """Wait for Ctrl-C or SIGTERM (KeyboardInterrupt); fail if a server dies on its own."""
+        """Wait for Ctrl-C or SIGTERM (KeyboardInterrupt); fail if a server dies on its own (a
+        monitor that stopped is said, and the platform goes on)."""
         while True:
             for service in (self.mlflow, self.webapp):
                 if not service.running():
@@ -257,6 +274,9 @@ class Platform:
                         f"{service.name} stopped unexpectedly. End of "
                         f"{service.log_path}:\n{service.log_tail()}"
                     )
+            if self.monitor.started() and not self.monitor.running() and not self.monitor_said:
+                print(f"The monitor stopped; see {self.monitor.log_path}", flush=True)
+                self.monitor_said = True
             time.sleep(1)
 
     def stop(self) -> None:
@@ -275,5 +295,5 @@ class Platform:
                 grace=2.0 if self.hurry else TRAINER_GRACE_SECONDS,
                 hurried=lambda: self.hurry,
             )
-        for service in (self.webapp, self.mlflow):
+        for service in (self.monitor, self.webapp, self.mlflow):
             service.stop(timeout=5.0 if self.hurry else 20.0)

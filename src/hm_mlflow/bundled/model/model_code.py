@@ -5,9 +5,14 @@ model is loaded. Beside it, the model carries `features.py` as it was at trainin
 estimator (skops) and its configuration (threshold, labels). So a model needs no hm_mlflow
 package to predict, and an old version keeps the preprocessing it was trained with.
 
+When the model was trained with a drift reference (`reference.npz`, hm_mlflow.monitoring.reference),
+`analyse` also gives each film's compact feature summary, the one the prediction log keeps.
+
 Input: a DataFrame with a binary column `image` (JPEG or PNG bytes; base64 strings when they
 arrive as JSON at `mlflow models serve`). Output: a DataFrame with `label` and `probability`,
-the probability of PNEUMONIA. The parameter `threshold` overrides the model's own cut.
+the probability of PNEUMONIA. The parameter `threshold` overrides the model's own cut; the
+parameter `site` applies that site's own operating point when the model has one (a site whose
+readers labelled enough films when it was trained, hm_mlflow.train).
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ def _load_estimator(path: str):
     if foreign:
         raise ValueError(f"refusing to load estimator with unexpected types: {foreign}")
     return skops.io.load(path, trusted=untrusted)
+
+
+def _load_reference(path: str | None) -> dict[str, np.ndarray] | None:
+    """The drift reference's arrays (plain arrays only: nothing in it is unpickled)."""
+    if not path:
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
 
 
 def _expit(x: np.ndarray) -> np.ndarray:
@@ -130,8 +143,12 @@ class ChestXrayClassifier(PythonModel):
         self.estimator = _load_estimator(context.artifacts["estimator"])
         config = context.model_config
         self.threshold = float(config["threshold"])
+        self.site_thresholds = {
+            k: float(v) for k, v in (config.get("site_thresholds") or {}).items()
+        }
         self.labels = list(config["labels"])
         self.linear = LinearVote.from_estimator(self.estimator, self.features.n_features())
+        self.reference = _load_reference(context.artifacts.get("reference"))
 
     def probability(self, vectors: np.ndarray) -> np.ndarray:
         """P(PNEUMONIA) of feature vectors: the collapsed estimator when it could be built."""
@@ -147,6 +164,28 @@ class ChestXrayClassifier(PythonModel):
         vector = self.features.from_image(film)
         return float(self.probability(vector[np.newaxis])[0]), film
 
+    def threshold_for(self, site: str | None) -> float:
+        """The site's own operating point if the model has one, else the model's."""
+        return self.site_thresholds.get(site or "", self.threshold)
+
+    def summarise(self, vector: np.ndarray) -> np.ndarray | None:
+        """The film's compact summary for drift: PCA coordinates of the standardised vector and
+        the norm of the rest (float32), or None for a model without a reference."""
+        ref = self.reference
+        if ref is None:
+            return None
+        z = (np.atleast_2d(vector).astype(np.float64) - ref["mean"]) / ref["scale"]
+        coords = z @ ref["components"].T.astype(np.float64)
+        residual = np.sqrt(np.maximum((z * z).sum(axis=1) - (coords * coords).sum(axis=1), 0.0))
+        return np.column_stack([coords, residual]).astype(np.float32)[0]
+
+    def analyse(self, image: bytes) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """`classify`, and the film's summary for drift from the same features."""
+        film = self.features.load(image)
+        vector = self.features.from_image(film)
+        probability = float(self.probability(vector[np.newaxis])[0])
+        return probability, film, self.summarise(vector)
+
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         images = [_as_bytes(v) for v in model_input["image"]]
         if len(images) > 4:
@@ -155,7 +194,8 @@ class ChestXrayClassifier(PythonModel):
         else:
             vectors = [self.features.extract(image) for image in images]
         probability = self.probability(np.stack(vectors))
-        threshold = float((params or {}).get("threshold") or self.threshold)
+        params = params or {}
+        threshold = float(params.get("threshold") or self.threshold_for(params.get("site")))
         label = np.where(probability >= threshold, self.labels[1], self.labels[0])
         return pd.DataFrame({"label": label, "probability": probability})
 

@@ -110,8 +110,8 @@ def normalise(image: np.ndarray) -> np.ndarray:
     Films from another hospital differ first in their grey-scale processing (exposure, the
     detector's response curve, the LUT the console applies). Any monotonic change of the grey
     levels leaves the ranks, hence the normalised canvas, as they were; the 1st-99th percentile
-    stretch used before followed a gamma or a log curve into every feature (bench/quality.py:
-    specificity on log-processed held-out films 0.63 with the stretch, 0.92 with the ranks).
+    stretch used before followed a gamma or a log curve into every feature (bench/quality.py,
+    transfer panel: specificity under a log curve 0.61 with the stretch, 0.91 with the ranks).
     The canvas is 8-bit, so the map is a table of the 256 values.
     """
     counts = cv2.calcHist([image], [0], None, [256], [0, 256]).ravel()
