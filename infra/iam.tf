@@ -160,8 +160,9 @@ resource "aws_iam_role_policy" "webapp_task" {
   policy = data.aws_iam_policy_document.webapp_task.json
 }
 
-# The monitor starts the training task when a site drifts, and nothing else.
-data "aws_iam_policy_document" "monitor_task" {
+# Starting the training task, and passing it its two roles: the monitor's whole policy, and part
+# of the notebook's.
+data "aws_iam_policy_document" "start_training" {
   statement {
     sid       = "StartTraining"
     actions   = ["ecs:RunTask"]
@@ -184,10 +185,11 @@ data "aws_iam_policy_document" "monitor_task" {
   }
 }
 
+# The monitor starts the training task when a site drifts, and nothing else.
 resource "aws_iam_role_policy" "monitor_task" {
   name   = "start-training"
   role   = aws_iam_role.task["monitor"].id
-  policy = data.aws_iam_policy_document.monitor_task.json
+  policy = data.aws_iam_policy_document.start_training.json
 }
 
 # --- EventBridge Scheduler: the monitor task, daily -----------------------------------------------
@@ -270,16 +272,8 @@ resource "aws_iam_role_policy" "notebook_data" {
 }
 
 data "aws_iam_policy_document" "notebook" {
-  statement {
-    sid       = "StartTraining"
-    actions   = ["ecs:RunTask"]
-    resources = ["arn:${local.partition}:ecs:${local.region}:${local.account_id}:task-definition/${local.training_family}:*"]
-    condition {
-      test     = "ArnEquals"
-      variable = "ecs:cluster"
-      values   = [local.cluster_arn]
-    }
-  }
+  source_policy_documents = [data.aws_iam_policy_document.start_training.json]
+
   statement {
     sid       = "FollowTraining"
     actions   = ["ecs:DescribeTasks", "ecs:StopTask"]
@@ -299,16 +293,6 @@ data "aws_iam_policy_document" "notebook" {
     sid       = "ServiceStatus"
     actions   = ["ecs:DescribeServices"]
     resources = [for service in aws_ecs_service.this : service.id]
-  }
-  statement {
-    sid       = "PassTrainingRoles"
-    actions   = ["iam:PassRole"]
-    resources = [aws_iam_role.execution.arn, aws_iam_role.task["training"].arn]
-    condition {
-      test     = "StringEquals"
-      variable = "iam:PassedToService"
-      values   = ["ecs-tasks.amazonaws.com"]
-    }
   }
   statement {
     sid       = "ReadTrainingLogs"

@@ -4,9 +4,9 @@ features -> grouped cross-validation -> threshold -> final fit -> logged model -
 evaluation through the logged model -> registered version -> promotion gate.
 
 With the readers' labels (hm_mlflow.monitoring.feedback, on by default in `hm-mlflow train`),
-the labelled films join the training films, and each site's held-out films join the gate's
-comparison and the operating point: the sensitivity floor holds on every site with at least
-HM_MIN_SITE_LABELS held-out films.
+the labelled films join the training films, each site's held-out films join the gate's
+comparison, and a site with at least HM_MIN_SITE_LABELS labelled films gets an operating point
+of its own, at which the sensitivity floor holds on that site's films.
 """
 
 from __future__ import annotations

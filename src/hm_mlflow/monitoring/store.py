@@ -498,12 +498,7 @@ class PredictionLog:
                     break
         if not rows:
             return np.zeros((0, 0), dtype=np.float32), []
-        widths = {len(r) for r in rows}
-        if len(widths) > 1:  # cannot happen within one version; never mix
-            width = max(widths, key=[len(r) for r in rows].count)
-            kept = [(r, p) for r, p in zip(rows, probabilities, strict=True) if len(r) == width]
-            rows, probabilities = [r for r, _ in kept], [p for _, p in kept]
-        return np.stack(rows), probabilities
+        return np.stack(rows), probabilities  # one version: one width
 
     def shadow_pairs(self, site: str | None = None) -> list[dict]:
         """Labelled films scored by the champion and, in shadow, by a challenger: one row per

@@ -165,6 +165,18 @@ def _thumbnail(prediction: Prediction, image: CheckedImage) -> str:
     return "data:image/png;base64," + base64.b64encode(encoded).decode()
 
 
+def _follow(settings: Settings, alias: str) -> ModelHolder:
+    """A holder of the version with `alias`, following the registry."""
+    return ModelHolder(
+        settings.model_name,
+        alias,
+        settings.tracking_uri,
+        registry_timeout=settings.registry_timeout,
+        load_timeout=settings.load_timeout,
+        ui_url=settings.ui_url,
+    )
+
+
 def create_app(
     settings: Settings | None = None,
     holder: ModelHolder | None = None,
@@ -178,14 +190,7 @@ def create_app(
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     cv2.setNumThreads(1)  # one image per thread; workers share the cores, not each image
     return_freed_buffers_to_the_system()  # resident memory follows the images in flight
-    holder = holder or ModelHolder(
-        settings.model_name,
-        settings.model_alias,
-        settings.tracking_uri,
-        registry_timeout=settings.registry_timeout,
-        load_timeout=settings.load_timeout,
-        ui_url=settings.ui_url,
-    )
+    holder = holder or _follow(settings, settings.model_alias)
     limits = Limits(
         max_bytes=settings.max_upload_bytes,
         max_pixels=int(settings.max_megapixels * 1_000_000),
@@ -209,14 +214,7 @@ def create_app(
         )
     shadow = None
     if recorder is not None and settings.shadow and challenger is not False:
-        challenger = challenger or ModelHolder(
-            settings.model_name,
-            settings.challenger_alias,
-            settings.tracking_uri,
-            registry_timeout=settings.registry_timeout,
-            load_timeout=settings.load_timeout,
-            ui_url=settings.ui_url,
-        )
+        challenger = challenger or _follow(settings, settings.challenger_alias)
         shadow = Shadow(challenger, recorder, metrics.shadow)
 
     @asynccontextmanager
