@@ -158,7 +158,9 @@ def test_rgb_and_png_uploads_are_accepted(webapp, xray):
 
 def test_unreachable_registry_is_reported_not_mistaken_for_no_model(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
-    url, process = serve(make_settings(dead), tmp_path)
+    # One worker: each worker finds the registry gone on its own first check, so with several
+    # a request may reach one that has not looked yet (and says "no model yet", rightly).
+    url, process = serve(make_settings(dead), tmp_path, HM_WEB_WORKERS="1")
     try:
         deadline = time.monotonic() + 30
         while httpx.get(f"{url}/health").json()["registry_reachable"] is not False:
