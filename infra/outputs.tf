@@ -156,3 +156,13 @@ output "model_name" {
   description = "Registered model."
   value       = var.model_name
 }
+
+output "github_images_role_arn" {
+  description = "The role images.yml assumes (repository variable AWS_ROLE_ARN); empty without github_repository."
+  value       = local.github ? aws_iam_role.github["images"].arn : ""
+}
+
+output "github_plan_role_arn" {
+  description = "The role infra.yml's plan job assumes; empty without github_repository."
+  value       = local.github ? aws_iam_role.github["plan"].arn : ""
+}

@@ -258,3 +258,27 @@ variable "notebook_volume_gb" {
   type        = number
   default     = 20
 }
+
+# --- GitHub Actions (github.tf) ------------------------------------------------------------------
+
+variable "github_repository" {
+  description = "Optional: \"OWNER/NAME\" of the GitHub repository whose workflows may push images (images.yml) and plan (infra.yml) through GitHub's OIDC provider. Empty: no GitHub access."
+  type        = string
+  default     = ""
+  validation {
+    condition     = var.github_repository == "" || can(regex("^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", var.github_repository))
+    error_message = "github_repository is OWNER/NAME, e.g. \"octo-org/hm-mlflow\"."
+  }
+}
+
+variable "github_oidc_provider_arn" {
+  description = "Optional: ARN of an existing token.actions.githubusercontent.com OIDC provider (an account has at most one); empty: github.tf creates it."
+  type        = string
+  default     = ""
+}
+
+variable "github_state_bucket" {
+  description = "Optional: the S3 bucket holding this configuration's Terraform state, which the plan role may read."
+  type        = string
+  default     = ""
+}
