@@ -1,4 +1,4 @@
-"""infra/'s ECS task definitions as processes, the way compose_stack.py runs docker-compose.yaml.
+"""infra/'s ECS task definitions as processes (process_stack.py).
 
 No AWS account and no Docker engine here, so the cloud deployment is proven another way. From the
 Terraform (as tfparse evaluates it) each container's command, environment, secrets, dependencies
@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compose_stack import Namespace, parse_dockerfile
 from infra_model import container, containers, local_values, resources
 from infra_model import env as container_env
 from postgres_server import start_postgres
+from process_stack import Namespace, parse_dockerfile
 from support import BIN, seaweed_argv
 
 REPO = Path(__file__).resolve().parents[1]

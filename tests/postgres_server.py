@@ -1,7 +1,7 @@
 """PostgreSQL from the machine's own server binaries, for the tests: a throwaway cluster.
 
 `start_postgres` runs it as the `postgres` system user (initdb refuses root), on the host's own
-network (`HOST`) or inside a test network namespace (compose_stack.Namespace).
+network (`HOST`) or inside a test network namespace (process_stack.Namespace).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def start_postgres(
     ssl: bool = False,
 ) -> subprocess.Popen:
     """A fresh PostgreSQL cluster in `data`, listening on every address of `ns` (HOST, or a
-    compose_stack.Namespace) at `port`, with `user`/`password` (scram) and `database`; with
+    process_stack.Namespace) at `port`, with `user`/`password` (scram) and `database`; with
     `ssl`, TLS on a self-signed certificate (as RDS requires it). Runs as the postgres system
     user: initdb refuses root."""
     shutil.rmtree(data, ignore_errors=True)

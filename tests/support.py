@@ -341,17 +341,19 @@ def wait_until(found, timeout: float = 30):
         time.sleep(0.5)
 
 
+LOGGED_SCRIPT = (
+    "import json, sys; from hm_mlflow.config import get_settings; "
+    "from hm_mlflow.monitoring.store import PredictionLog; "
+    "row = PredictionLog(get_settings().prediction_log_uri).get(sys.argv[1]); "
+    "print(json.dumps(row and {k: v for k, v in row.items() if k != 'summary'}, default=str))"
+)
+
+
 def logged(ns, env: dict, prediction_id: str) -> dict | None:
     """A row of the prediction log (its summary left out), read inside the network namespace
     `ns` with a service's own settings `env` (the database answers only there)."""
-    script = (
-        "import json, sys; from hm_mlflow.config import get_settings; "
-        "from hm_mlflow.monitoring.store import PredictionLog; "
-        "row = PredictionLog(get_settings().prediction_log_uri).get(sys.argv[1]); "
-        "print(json.dumps(row and {k: v for k, v in row.items() if k != 'summary'}, default=str))"
-    )
     done = subprocess.run(
-        ns.argv([str(BIN / "python"), "-c", script, prediction_id]),
+        ns.argv([str(BIN / "python"), "-c", LOGGED_SCRIPT, prediction_id]),
         env=env,
         capture_output=True,
         text=True,

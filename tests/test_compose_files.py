@@ -11,7 +11,8 @@ import yaml
 
 from hm_mlflow.config import Settings
 
-from compose_stack import BIN, COMPOSE, REPO, parse_dockerfile
+from process_stack import COMPOSE, REPO, parse_dockerfile
+from support import BIN
 
 DOCKERFILES = sorted(REPO.glob("*/Dockerfile-*"))
 COMPOSE_FILE = REPO / "docker-compose.yaml"

@@ -20,8 +20,8 @@ from botocore.exceptions import ClientError
 
 from hm_mlflow.synthetic import write_sample_set
 
-from compose_stack import can_run, fresh_workdir
 from ecs_stack import DOMAIN, S3_KEY, S3_PORT, S3_SECRET, WEBAPP_KEY, WEBAPP_SECRET, EcsStack
+from process_stack import can_run, fresh_workdir
 from support import BIN, NOTEBOOK, executed_text, logged, wait_until
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,161 @@
+"""What only an engine shows about the images: they run with a read-only root filesystem and
+only /tmp writable, as infra/ecs.tf runs every task (readonlyRootFilesystem, one task volume on
+/tmp, no tmpfs of the engine's own), as their non-root users; and how big they are.
+
+The three containers make the smallest platform: MLflow on SQLite in /tmp, the model image
+registering the bundled model (`hm-mlflow bootstrap`, which downloads, logs and writes plots),
+the webapp answering a film with its prediction log in /tmp. Each has its own volume, made
+empty by the engine as ECS makes a task's.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import time
+
+import httpx
+import pytest
+
+from hm_mlflow.dataset import list_split
+
+import engine
+import stand_ins
+from support import wait_for_version
+
+pytestmark = pytest.mark.integration
+READ_ONLY = ["--read-only", "--read-only-tmpfs=false"]  # as ECS: nothing writable but volumes
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, str]:
+    engine.require(engine.missing())
+    stand_ins.ensure()
+    return engine.build_project_images(["mlflow", "webapp", "model"])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Containers:
+    """Containers, volumes and a network made for one test, removed after it."""
+
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(4)
+        self.network = f"hm-ro-{self.tag}"
+        self.names: list[str] = []
+        self.volumes: list[str] = []
+        engine.podman("network", "create", self.network)
+
+    def volume(self, name: str) -> str:
+        volume = f"hm-ro-{self.tag}-{name}"
+        engine.podman("volume", "create", volume)
+        self.volumes.append(volume)
+        return volume
+
+    def run(self, name: str, image: str, *argv: str, env: dict, detach: bool = True, ports=()):
+        args = ["run", *READ_ONLY, "--network", self.network, "--name", name]
+        args += ["-v", f"{self.volume(name)}:/tmp"]
+        for key, value in env.items():
+            args += ["-e", f"{key}={value}"]
+        for port in ports:
+            args += ["-p", port]
+        self.names.append(name)
+        return engine.podman(*args, *(["-d"] if detach else []), image, *argv, check=False)
+
+    def logs(self, name: str) -> str:
+        done = engine.podman("logs", "--tail", "40", name, check=False)
+        return done.stdout + done.stderr
+
+    def close(self) -> None:
+        for name in self.names:
+            engine.podman("rm", "-f", "-t", "5", name, check=False)
+        for volume in self.volumes:
+            engine.podman("volume", "rm", "-f", volume, check=False)
+        engine.podman("network", "rm", "-f", self.network, check=False)
+
+
+def wait_healthy(name: str, logs, timeout: float = 240) -> None:
+    """The image's own HEALTHCHECK, run as podman's timer would (there is no systemd here)."""
+    deadline = time.monotonic() + timeout
+    while engine.podman("healthcheck", "run", name, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} never healthy:\n{logs(name)}")
+        time.sleep(3)
+
+
+@pytest.mark.timeout(1800)
+def test_the_images_run_with_a_read_only_root_as_the_task_definitions_say(images, sample_root):
+    box = Containers()
+    mlflow = f"mlflow-{box.tag}"
+    client = {"MLFLOW_TRACKING_URI": f"http://{mlflow}:5000"}
+    try:
+        started = box.run(
+            mlflow,
+            images["mlflow"],
+            env={
+                "MLFLOW_BACKEND_STORE_URI": "sqlite:////tmp/mlflow.db",
+                "MLFLOW_ARTIFACTS_DESTINATION": "/tmp/artifacts",
+                "MLFLOW_WORKERS": "1",
+                "MLFLOW_SERVER_ALLOWED_HOSTS": f"{mlflow},{mlflow}:*,localhost:*,127.0.0.1:*",
+            },
+        )
+        assert started.returncode == 0, started.stderr
+        wait_healthy(mlflow, box.logs)
+
+        # The model image registers the bundled model: downloads, a run, plots, all in /tmp.
+        bootstrap = box.run(
+            f"bootstrap-{box.tag}", images["model"], "hm-mlflow", "bootstrap",
+            env=client, detach=False,
+        )  # fmt: skip
+        assert bootstrap.returncode == 0, bootstrap.stdout[-2000:] + bootstrap.stderr[-3000:]
+
+        port = free_port()
+        webapp = f"webapp-{box.tag}"
+        served = box.run(
+            webapp,
+            images["webapp"],
+            "hm-mlflow", "serve", "--host", "0.0.0.0", "--port", "8080",
+            env={
+                **client,
+                "HM_PREDICTIONS_URI": "sqlite:////tmp/predictions.db",
+                "HM_FEEDBACK_URI": "/tmp/feedback",
+                "HM_WEB_WORKERS": "1",
+            },
+            ports=[f"127.0.0.1:{port}:8080"],
+        )  # fmt: skip
+        assert served.returncode == 0, served.stderr
+        wait_healthy(webapp, box.logs)
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for_version(url, "1", timeout=120)["status"] == "ok"
+        film = list_split(sample_root, "test")[0]
+        answer = httpx.post(
+            f"{url}/api/predict", files={"file": (film.name, film.read_bytes())}, timeout=60
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"]["version"] == "1"
+
+        # Nothing was written outside /tmp: the root stayed read-only, the users non-root.
+        for name in (mlflow, webapp):
+            details = engine.inspect("container", name)
+            assert details["HostConfig"]["ReadonlyRootfs"] is True
+            assert details["Config"]["User"] == "10001"
+            probe = engine.podman("exec", name, "sh", "-c", "touch /opt/x", check=False)
+            assert probe.returncode != 0 and "Read-only file system" in probe.stderr
+    finally:
+        box.close()
+
+
+def test_image_sizes(images):
+    """The sizes the README gives, measured: each image and what it adds to its base."""
+    base = engine.image_size_mb(stand_ins.STAND_INS["python"])
+    sizes = {name: engine.image_size_mb(image) for name, image in images.items()}
+    for name, size in sizes.items():
+        print(f"{name}: {size:.0f} MB, {size - base:.0f} MB above the base ({base:.0f} MB)")
+    # The webapp's own layers (its virtual environment): a budget that catches a dependency
+    # that should not be there (the MLflow server, matplotlib, a second OpenCV).
+    assert sizes["webapp"] - base < 560
+    assert sizes["webapp"] < sizes["mlflow"] and sizes["webapp"] < sizes["model"]
