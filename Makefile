@@ -79,12 +79,11 @@ lock:  ## re-pin every transitive dependency in constraints.txt from a fresh env
 	{ echo '# Every transitive dependency, pinned: regenerate with `make lock`.'; \
 	  /tmp/hm-mlflow-lock/bin/pip freeze --exclude-editable | grep -v '^hm-mlflow'; } > constraints.txt
 
-provider-schemas:  ## re-extract the AWS and random providers' schemas (tests/provider_schemas/)
+provider-schemas:  ## re-extract the AWS provider's schema (tests/provider_schemas/)
 	rm -rf /tmp/hm-mlflow-schemas && mkdir -p /tmp/hm-mlflow-schemas
-	cd /tmp/hm-mlflow-schemas && npm pack --silent @cdktn/provider-aws@25.7.0 @cdktn/provider-random@15.0.1
+	cd /tmp/hm-mlflow-schemas && npm pack --silent @cdktn/provider-aws@25.7.0
 	cd /tmp/hm-mlflow-schemas && for t in *.tgz; do mkdir -p $${t%.tgz} && tar xzf $$t -C $${t%.tgz} package/.jsii; done
 	$(BIN)/python tests/provider_schemas/extract.py /tmp/hm-mlflow-schemas/cdktn-provider-aws-25.7.0/package/.jsii tests/provider_schemas/aws-provider-6.66.0.json.gz
-	$(BIN)/python tests/provider_schemas/extract.py /tmp/hm-mlflow-schemas/cdktn-provider-random-15.0.1/package/.jsii tests/provider_schemas/random-provider-3.9.1.json.gz
 
 clean:  ## remove the virtual environments (the state folder .state/ is kept)
 	rm -rf $(VENV) .venv-compose .venv-checkov

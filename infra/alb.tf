@@ -24,6 +24,12 @@ locals {
     "${pair[0]}-${pair[1]}" => { load_balancer = pair[0], service = pair[1] }
   }
 
+  # Target group name prefixes, "mlpub-", "apint-", ...: service, then load balancer.
+  target_prefixes = {
+    for key, target in local.targets :
+    key => "${substr(local.services[target.service].host, 0, 2)}${substr(target.load_balancer, 0, 3)}-"
+  }
+
   # The target groups of each service, one per load balancer.
   service_targets = {
     for service in keys(local.services) :
@@ -58,7 +64,9 @@ resource "aws_lb_target_group" "this" {
   #checkov:skip=CKV_AWS_378:Load balancer to task traffic stays in the private subnets; TLS ends at the load balancer, the containers serve plain HTTP
   for_each = local.targets
 
-  name        = "${var.name}-${each.key}"
+  # A replacement (a new port, protocol or target type) is made before the group in use goes,
+  # which a fixed name forbids: a prefix (AWS allows 6 characters) and the full name as a tag.
+  name_prefix = local.target_prefixes[each.key]
   target_type = "ip"
   vpc_id      = aws_vpc.main.id
   protocol    = "HTTP"
@@ -73,6 +81,12 @@ resource "aws_lb_target_group" "this" {
     timeout             = 5
     healthy_threshold   = 2
     unhealthy_threshold = 3
+  }
+
+  tags = { Name = "${var.name}-${each.key}" }
+
+  lifecycle {
+    create_before_destroy = true
   }
 }
 

@@ -44,7 +44,14 @@ locals {
     } : { environment = [], secrets = [] }
   }
 
-  # Read-only root filesystems; /tmp is a task volume (uploads, model downloads, plots).
+  # Every task runs on x86-64; images are built for it wherever they are built (an ARM laptop's
+  # default would not start here): `hm-mlflow cloud push-images` reads image_platform.
+  cpu_architecture = "X86_64"
+  image_platform   = { X86_64 = "linux/amd64", ARM64 = "linux/arm64" }[local.cpu_architecture]
+
+  # Read-only root filesystems; /tmp is a task volume (uploads, model downloads, plots): a bind
+  # mount, which Fargate makes root's with mode 0755 unless the image declares the path a
+  # VOLUME, as the three images do (their /tmp, mode 1777, is copied in).
   tmp_volume = "tmp"
   container_defaults = {
     readonlyRootFilesystem = true
@@ -65,11 +72,11 @@ locals {
     { name = "MLFLOW_AUTH_DEFAULT_PERMISSION", value = "NO_PERMISSIONS" },
     { name = "AWS_DEFAULT_REGION", value = local.region },
   ]
-  # The database password is the `password` key of the secret RDS manages. The admin password
-  # and the session key are used only when authentication is on.
+  # The database password is Terraform's (secrets.tf). The admin password and the session key
+  # are used only when authentication is on.
   db_password = {
     name      = "MLFLOW_DB_PASSWORD"
-    valueFrom = "${aws_db_instance.mlflow.master_user_secret[0].secret_arn}:password::"
+    valueFrom = aws_secretsmanager_secret.database.arn
   }
   mlflow_server_secrets = [
     local.db_password,
@@ -272,7 +279,7 @@ resource "aws_ecs_task_definition" "this" {
 
   runtime_platform {
     operating_system_family = "LINUX"
-    cpu_architecture        = "X86_64"
+    cpu_architecture        = local.cpu_architecture
   }
 }
 

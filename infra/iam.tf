@@ -59,7 +59,7 @@ data "aws_iam_policy_document" "execution" {
     actions = ["secretsmanager:GetSecretValue"]
     resources = concat(
       [for secret in aws_secretsmanager_secret.mlflow : secret.arn],
-      [aws_db_instance.mlflow.master_user_secret[0].secret_arn],
+      [aws_secretsmanager_secret.database.arn],
       [aws_secretsmanager_secret.predictions_db.arn],
     )
   }

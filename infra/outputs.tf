@@ -122,6 +122,11 @@ output "image_tag" {
   value       = var.image_tag
 }
 
+output "image_platform" {
+  description = "Platform the images are built for (docker build --platform): the task definitions' CPU architecture."
+  value       = local.image_platform
+}
+
 output "dockerfiles" {
   description = "Dockerfile of each image, relative to the repository root."
   value       = local.images

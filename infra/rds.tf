@@ -1,7 +1,8 @@
 # MLflow's backend store: PostgreSQL in the private subnets, reachable from the MLflow tasks only.
-# RDS generates the master password and keeps it in Secrets Manager itself
-# (manage_master_user_password): it is in no Terraform file, state or output, and reaches the
-# MLflow container as an ECS secret.
+# The master password is drawn by Secrets Manager (secrets.tf) and written here with a
+# write-only argument: it is in no Terraform file, state or output, and reaches the MLflow
+# container as an ECS secret. Not RDS's managed password: that one rotates every 7 days, and
+# the running tasks, which received it at start, would lose the database.
 
 resource "aws_db_subnet_group" "main" {
   name       = var.name
@@ -31,10 +32,10 @@ resource "aws_db_instance" "mlflow" {
   engine_version = "16"
   instance_class = var.db_instance_class
 
-  db_name                       = "mlflow"
-  username                      = "mlflow"
-  manage_master_user_password   = true
-  master_user_secret_kms_key_id = aws_kms_key.main.arn
+  db_name             = "mlflow"
+  username            = "mlflow"
+  password_wo         = ephemeral.aws_secretsmanager_random_password.database.random_password
+  password_wo_version = var.password_version
 
   allocated_storage     = var.db_allocated_storage
   max_allocated_storage = var.db_allocated_storage * 5

@@ -25,7 +25,7 @@ resource "aws_sagemaker_notebook_instance_lifecycle_configuration" "main" {
 resource "aws_sagemaker_notebook_instance" "main" {
   name                   = local.notebook_name
   instance_type          = var.notebook_instance_type
-  platform_identifier    = "notebook-al2023-v1"
+  platform_identifier    = var.notebook_platform
   role_arn               = aws_iam_role.notebook.arn
   subnet_id              = aws_subnet.private[0].id
   security_groups        = [aws_security_group.this["notebook"].id]

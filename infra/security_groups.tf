@@ -49,7 +49,9 @@ resource "aws_security_group" "this" {
   #checkov:skip=CKV2_AWS_5:Checkov does not follow for_each references; every group is attached (tests/test_infra_wiring.py asserts it)
   for_each = local.security_groups
 
-  name        = "${var.name}-${replace(each.key, "_", "-")}"
+  # A prefix, not a name: create_before_destroy makes the new group before the old one goes, and
+  # two groups of one name cannot exist in a VPC.
+  name_prefix = "${var.name}-${replace(each.key, "_", "-")}-"
   description = each.value
   vpc_id      = aws_vpc.main.id
 

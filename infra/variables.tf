@@ -12,9 +12,10 @@ variable "name" {
   type        = string
   default     = "hm-mlflow"
 
+  # RDS identifiers and parameter group names refuse a trailing dash and two dashes in a row.
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{1,15}$", var.name))
-    error_message = "name: 2-16 lower-case letters, digits and dashes, starting with a letter."
+    condition     = length(var.name) <= 16 && can(regex("^[a-z]([a-z0-9]|-[a-z0-9])+$", var.name))
+    error_message = "name: 2-16 lower-case letters, digits and single dashes, starting with a letter and not ending with a dash."
   }
 }
 
@@ -27,9 +28,9 @@ variable "tags" {
 # --- Names and access ------------------------------------------------------------------------
 
 variable "domain" {
-  description = "Domain of the two host names: mlflow.DOMAIN (MLflow) and app.DOMAIN (webapp). A Route 53 private zone of this name resolves them inside the VPC."
+  description = "Domain of the two host names: mlflow.DOMAIN (MLflow) and app.DOMAIN (webapp). A Route 53 private zone of this name resolves them inside the VPC. The default is under .internal, the suffix kept for private use; a name under .local (the seed's hm-mlflow.local) is accepted, but RFC 6762 gives .local to multicast DNS and resolvers that follow it (systemd-resolved, macOS) may not ask the VPC's resolver."
   type        = string
-  default     = "hm-mlflow.local"
+  default     = "hm-mlflow.internal"
 }
 
 variable "public_zone_id" {
@@ -239,8 +240,14 @@ variable "log_retention_days" {
   default     = 365
 }
 
+variable "password_version" {
+  description = "Generation of the database passwords (the MLflow database's master password, the prediction log role's): raise it by one and apply to draw both anew, then deploy the services again (README, \"Passwords\"). Nothing rotates them otherwise."
+  type        = number
+  default     = 1
+}
+
 variable "secret_recovery_days" {
-  description = "Days a deleted secret can still be restored (0 deletes at once)."
+  description = "Days a deleted secret can still be restored while protect_data is true (0 deletes at once). With protect_data = false secrets are deleted at once, so that a destroy can be followed by a new deployment of the same name."
   type        = number
   default     = 7
 }
@@ -251,6 +258,12 @@ variable "notebook_instance_type" {
   description = "SageMaker notebook instance type."
   type        = string
   default     = "ml.t3.medium"
+}
+
+variable "notebook_platform" {
+  description = "Platform of the notebook instance: Amazon Linux 2023 (Amazon Linux 2 reached its end of support in June 2026). Provider 6.x knows notebook-al2023-v1; 5.x knew only the notebook-al2-* platforms."
+  type        = string
+  default     = "notebook-al2023-v1"
 }
 
 variable "notebook_volume_gb" {

@@ -2,21 +2,20 @@
 # Route 53, Secrets Manager and a SageMaker notebook instance. See README.md, "On AWS".
 
 terraform {
-  required_version = ">= 1.5"
+  # 1.11: ephemeral resources and write-only arguments keep every password out of the state.
+  required_version = ">= 1.11"
 
+  # 6.x: the notebook's Amazon Linux 2023 platform. The blocks are checked against 6.66's schema,
+  # and the real provider 5.100 validates and plans them (tests/test_infra_provider.py).
   required_providers {
     aws = {
       source  = "hashicorp/aws"
       version = ">= 6.0, < 7.0"
     }
-    random = {
-      source  = "hashicorp/random"
-      version = ">= 3.6, < 4.0"
-    }
   }
 
-  # The state holds the generated MLflow passwords (not the database's, which RDS keeps in
-  # Secrets Manager itself). Keep it in an encrypted, access-controlled backend, e.g.:
+  # The state holds no password (secrets.tf), but names, ARNs and addresses of everything. Keep
+  # it in an encrypted, access-controlled backend, e.g.:
   #   backend "s3" {
   #     bucket       = "my-terraform-state"
   #     key          = "hm-mlflow/terraform.tfstate"
@@ -36,7 +35,6 @@ provider "aws" {
 
 data "aws_caller_identity" "current" {}
 data "aws_partition" "current" {}
-data "aws_region" "current" {}
 
 data "aws_availability_zones" "available" {
   #checkov:skip=CKV_AWS_394:Zones are taken by position (the first az_count), so a zone AWS adds later does not change the set; pinning zone names would tie the code to one region
@@ -46,7 +44,7 @@ data "aws_availability_zones" "available" {
 locals {
   account_id = data.aws_caller_identity.current.account_id
   partition  = data.aws_partition.current.partition
-  region     = data.aws_region.current.region
+  region     = var.region
   azs        = slice(data.aws_availability_zones.available.names, 0, var.az_count)
 
   # The two servers behind the load balancers: host name under var.domain, container port and

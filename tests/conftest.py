@@ -1,4 +1,5 @@
-"""Shared fixtures: a generated sample set, a real MLflow server, a model trained through it."""
+"""Shared fixtures: a generated sample set, a real MLflow server, a model trained through it,
+the images built on a container engine."""
 
 from __future__ import annotations
 
@@ -92,6 +93,18 @@ def s3_server(tmp_path_factory) -> str:
             time.sleep(0.5)
     yield endpoint
     stop(process)
+
+
+@pytest.fixture(scope="session")
+def project_images() -> dict[str, str]:
+    """The three images the ECS task definitions run, built once per session on the stand-in
+    base images (engine.py, stand_ins.py)."""
+    import engine
+    import stand_ins
+
+    engine.require(engine.missing())
+    stand_ins.ensure()
+    return engine.build_project_images(["mlflow", "webapp", "model"])
 
 
 @pytest.fixture

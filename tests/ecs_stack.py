@@ -1,19 +1,25 @@
-"""infra/'s ECS task definitions as processes (process_stack.py).
+"""infra/'s ECS task definitions, run as containers of the built images on podman.
 
-No AWS account and no Docker engine here, so the cloud deployment is proven another way. From the
-Terraform (as tfparse evaluates it) each container's command, environment, secrets, dependencies
-and health check are taken as they are; from its image's Dockerfile, ENTRYPOINT, CMD and ENV.
-They then run in a network namespace where, as inside the VPC, mlflow.DOMAIN and app.DOMAIN
-resolve to the internal load balancer: here a proxy (alb_proxy.py) that routes by Host header
-exactly as the listener rules say, to the ports the target groups say.
+No AWS account here, so the cloud deployment is proven another way. From the Terraform (as
+tfparse evaluates it) each container's command, environment, secrets, dependencies, health check,
+read-only root and mount points are taken as they are; the image (built from its Dockerfile,
+engine.py) brings its entrypoint, user and environment. Every container joins one network
+namespace, as a Fargate task's containers share theirs (awsvpc), where, as inside the VPC,
+mlflow.DOMAIN and app.DOMAIN resolve to the internal load balancer: here a proxy (alb_proxy.py)
+that routes by Host header exactly as the listener rules say, to the ports the target groups say.
 
-What only AWS knows is filled in, and nothing else: the database endpoint and the password RDS
-generates (a PostgreSQL with TLS, like RDS, and a password full of URI-hostile characters), the
-values of the Secrets Manager secrets (each secret resource gets a generated value, the way
-random_password does), the buckets (SeaweedFS's S3 API), the region, the subnets, and what a task
-role gives (keys for that S3 API, to the containers whose role has S3 access in iam.tf: MLflow's
-and the training task's, which read and write; the webapp's, which may only write under the
-data bucket's feedback prefix, as its policy says).
+A task volume without a host (infra/ecs.tf's `tmp`) is what Fargate makes of it, a bind mount:
+a new empty folder owned by root with mode 0755 for each task, unless the image declares the
+container path a VOLUME, in which case the folder starts as a copy of the image's, with its
+owner and mode (the ECS developer guide, "Use bind mounts with Amazon ECS").
+
+What only AWS knows is filled in, and nothing else: the database endpoint (a PostgreSQL with
+TLS, like RDS), the values of the Secrets Manager secrets (each secret resource gets a generated
+value, as GetRandomPassword draws them; the database's is full of URI-hostile characters, which
+the entrypoint must quote), the buckets (SeaweedFS's S3 API), the region, the subnets, and what
+a task role gives (keys for that S3 API, to the containers whose role has S3 access in iam.tf:
+MLflow's and the training task's, which read and write; the webapp's, which may only write under
+the data bucket's feedback prefix, as its policy says).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import os
 import re
 import secrets as random_secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,20 +37,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra_model import container, containers, local_values, resources
+import engine
+from infra_model import blocks, container, containers, local_values, resources
 from infra_model import env as container_env
 from postgres_server import start_postgres
-from process_stack import Namespace, parse_dockerfile
-from support import BIN, seaweed_argv
+from process_stack import Namespace
+from support import BIN, LOGGED_SCRIPT, seaweed_argv
 
 REPO = Path(__file__).resolve().parents[1]
-DOMAIN = "hm-mlflow.local"
-IMAGES = {
-    "mlflow": "mlflow/Dockerfile-mlflow",
-    "webapp": "webapp/Dockerfile-webapp",
-    "training": "model/Dockerfile-model",
-    "monitor": "model/Dockerfile-model",
-}
+DOMAIN = "hm-mlflow.internal"
+IMAGES = {"mlflow": "mlflow", "webapp": "webapp", "training": "model", "monitor": "model"}
 S3_PORT = 9000
 SECRETS_PORT = 4566  # moto, standing in for Secrets Manager (no local server exists)
 S3_KEY, S3_SECRET = "task-role-key", "task-role-secret-key"
@@ -72,7 +75,10 @@ class AwsValues:
 
     def __post_init__(self) -> None:
         for secret in resources("aws_secretsmanager_secret").values():
-            self.secret_values.setdefault(secret["id"], random_secrets.token_urlsafe(30))
+            value = random_secrets.token_urlsafe(30)
+            if secret["name"].endswith("/database/master"):
+                value = self.db_password
+            self.secret_values.setdefault(secret["id"], value)
 
     def secret(self, name: str) -> str:
         """The value of the secret `NAME/mlflow/<name>` (admin, webapp, trainer, ...)."""
@@ -82,16 +88,45 @@ class AwsValues:
         raise KeyError(name)
 
 
+def new_bind_mount(folder: Path) -> Path:
+    """A task volume as Fargate makes it: a new empty folder, root's, mode 0755."""
+    folder.mkdir(parents=True)
+    os.chown(folder, 0, 0)
+    folder.chmod(0o755)
+    return folder
+
+
+def expose_declared_volume(image: str, path: str, folder: Path) -> None:
+    """Where the image declares `path` a VOLUME, an untouched bind mount starts as a copy of
+    the image's folder there, with its owner and mode; elsewhere it stays as it is."""
+    declared = (engine.inspect("image", image) or {}).get("Config", {}).get("Volumes") or {}
+    if path not in declared or any(folder.iterdir()):
+        return
+    root = Path(engine.podman("image", "mount", image).stdout.strip())
+    try:
+        source = root / path.lstrip("/")
+        shutil.copytree(source, folder, symlinks=True, dirs_exist_ok=True)
+        shutil.copystat(source, folder)
+        os.chown(folder, source.stat().st_uid, source.stat().st_gid)
+    finally:
+        engine.podman("image", "unmount", image, check=False)
+
+
 class EcsStack:
     """Start, probe and stop the task definitions' containers in one namespace."""
 
-    def __init__(self, workdir: Path, aws: AwsValues | None = None) -> None:
+    def __init__(self, workdir: Path, images: dict[str, str], aws: AwsValues | None = None):
         self.workdir = workdir
+        self.images = images  # project image name (engine.IMAGES) -> built image
         self.aws = aws or AwsValues()
-        self.ns = Namespace([f"mlflow.{DOMAIN}", f"app.{DOMAIN}", "s3.local", "db.local"])
+        self.hosts = [f"mlflow.{DOMAIN}", f"app.{DOMAIN}", "s3.local", "db.local"]
+        self.ns = Namespace(self.hosts)
         self.address = self.ns.address
-        self.processes: dict[str, subprocess.Popen] = {}
+        self.prefix = f"ecs-{self.ns.name}"
+        self.processes: dict[str, subprocess.Popen] = {}  # what stands in for AWS services
         self.logs: dict[str, Path] = {}
+        self.started: list[str] = []  # containers, by key
+        self.runs: dict[str, int] = {}  # task -> how many times it was started
 
     # --- what ECS would run -------------------------------------------------------------------
 
@@ -114,27 +149,19 @@ class EcsStack:
         return values[name]
 
     def resolve(self, task: str, name: str) -> tuple[list[str], dict[str, str]]:
-        """(argv, environment) of one container, as ECS would start it."""
+        """(command, environment) of one container, as ECS would hand them to the image: an
+        empty command leaves the image's CMD."""
         definition = next(c for c in containers(task) if c["name"] == name)
-        image = parse_dockerfile(REPO / IMAGES[task])
         # The only value in a command that AWS names is the data root (the training task's).
         command = [
-            arg if known(arg) else self.aws.data_root
-            for arg in (definition.get("command") or image.cmd)
+            arg if known(arg) else self.aws.data_root for arg in definition.get("command") or []
         ]
-        entrypoint = image.entrypoint
-        if entrypoint == ["mlflow-entrypoint"]:
-            entrypoint = ["sh", str(REPO / "mlflow/entrypoint.sh")]
-        env = dict(image.env)
+        env = {}
         for item in definition.get("environment", []):
             value = item["value"]
             env[item["name"]] = value if known(value) else self.unknown(item["name"])
         for item in definition.get("secrets", []):
-            if item["valueFrom"] is None:  # the RDS-managed secret's `password` key
-                assert item["name"] == "MLFLOW_DB_PASSWORD"
-                env[item["name"]] = self.aws.db_password
-            else:
-                env[item["name"]] = self.aws.secret_values[item["valueFrom"]]
+            env[item["name"]] = self.aws.secret_values[item["valueFrom"]]
         if task in S3_ROLES:  # what the task role grants
             key, secret = S3_ROLES[task]
             env.update(
@@ -143,22 +170,33 @@ class EcsStack:
                 MLFLOW_S3_ENDPOINT_URL=f"http://s3.local:{S3_PORT}",
                 AWS_ENDPOINT_URL_S3=f"http://s3.local:{S3_PORT}",
             )
-        home = self.workdir / "home" / f"{task}-{name}"
-        (home / "tmp").mkdir(parents=True, exist_ok=True)
-        env = {k: v.replace("/tmp/", f"{home}/tmp/") for k, v in env.items()}  # the tmp volume
-        env.update(
-            PATH=f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", HOME=str(home), TMPDIR=str(home / "tmp")
+        return command, env
+
+    def image(self, task: str) -> str:
+        return self.images[IMAGES[task]]
+
+    def task_volumes(self, task: str) -> dict[str, Path]:
+        """A new task's volumes, as Fargate makes bind mounts: empty, root's, mode 0755."""
+        definition = next(
+            t for t in resources("aws_ecs_task_definition").values() if t["family"].endswith(task)
         )
-        return command if entrypoint is None else [*entrypoint, *command], env
+        run = self.runs[task] = self.runs.get(task, 0) + 1
+        volumes = {}
+        for volume in blocks(definition.get("volume")):
+            assert not volume.get("host_path"), "only task-level bind mounts stand in here"
+            assert not blocks(volume.get("efs_volume_configuration"))
+            folder = self.workdir / "volumes" / f"{task}-{run}" / volume["name"]
+            volumes[volume["name"]] = new_bind_mount(folder)
+        return volumes
 
     # --- running --------------------------------------------------------------------------------
 
-    def _popen(self, key: str, argv: list[str], env: dict, user=None) -> subprocess.Popen:
+    def _popen(self, key: str, argv: list[str], env: dict) -> subprocess.Popen:
         log = self.workdir / "logs" / f"{key}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         self.logs[key] = log
         process = subprocess.Popen(
-            self.ns.argv(argv, user),
+            self.ns.argv(argv),
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
             env=env,
@@ -306,41 +344,72 @@ class EcsStack:
             args += ["--route", f"{host}=127.0.0.1:{port}"]
         return args
 
-    def run(self, task: str, name: str) -> subprocess.Popen:
-        argv, env = self.resolve(task, name)
-        return self._popen(f"{task}-{name}", argv, env)
+    def container_name(self, key: str) -> str:
+        return f"{self.prefix}-{key}"
+
+    def run(self, task: str, name: str, volumes: dict[str, Path] | None = None) -> str:
+        """Start one container of a task (a one-container task: its own new volumes); its key."""
+        definition = next(c for c in containers(task) if c["name"] == name)
+        volumes = self.task_volumes(task) if volumes is None else volumes
+        image = self.image(task)
+        command, env = self.resolve(task, name)
+        key = f"{task}-{name}"
+        args = ["run", "-d", "--name", self.container_name(key)]
+        args += ["--network", f"ns:/run/netns/{self.ns.name}"]
+        args += [arg for host in self.hosts for arg in ("--add-host", f"{host}:127.0.0.1")]
+        if definition.get("readonlyRootFilesystem"):
+            args += ["--read-only", "--read-only-tmpfs=false"]  # nothing writable but volumes
+        for mount in definition.get("mountPoints") or []:
+            folder = volumes[mount["sourceVolume"]]
+            expose_declared_volume(image, mount["containerPath"], folder)
+            mode = "ro" if mount.get("readOnly") else "rw"
+            args += ["-v", f"{folder}:{mount['containerPath']}:{mode}"]
+        for variable, value in env.items():
+            args += ["-e", f"{variable}={value}"]
+        engine.podman("rm", "-f", self.container_name(key), check=False)
+        engine.podman(*args, image, *command)
+        self.started.append(key)
+        return key
+
+    def state(self, key: str) -> dict:
+        return (engine.inspect("container", self.container_name(key)) or {}).get("State", {})
+
+    def exec(self, task: str, name: str, argv: list[str]) -> subprocess.CompletedProcess:
+        """`argv` inside a running container, as its user, with its environment."""
+        return engine.podman(
+            "exec", self.container_name(f"{task}-{name}"), *argv, check=False, timeout=120
+        )
 
     def healthy(self, task: str, name: str) -> bool:
-        """The container's own healthCheck, run in the namespace."""
+        """The container's own healthCheck, run inside it as ECS's agent runs it."""
         definition = next(c for c in containers(task) if c["name"] == name)
         kind, *argv = definition["healthCheck"]["command"]
-        assert kind == "CMD"
-        argv = [str(BIN / "python"), *argv[1:]] if argv[0] == "python" else argv
-        done = subprocess.run(self.ns.argv(argv), capture_output=True, check=False, timeout=30)
-        return done.returncode == 0
+        argv = ["sh", "-c", argv[0]] if kind == "CMD-SHELL" else argv
+        return self.exec(task, name, argv).returncode == 0
 
     def wait_exit(self, key: str, timeout: float = 600) -> int:
-        process = self.processes[key]
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired as exc:
-            message = f"{key} still running after {timeout} s:\n{self.tail(key)}"
-            raise AssertionError(message) from exc
+        deadline = time.monotonic() + timeout
+        while self.state(key).get("Running", False):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{key} still running after {timeout} s:\n{self.tail(key)}")
+            time.sleep(1)
+        return self.state(key)["ExitCode"]
 
     def wait_healthy(self, task: str, name: str, timeout: float = 240) -> None:
         key, deadline = f"{task}-{name}", time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.processes[key].poll() is not None:
-                raise AssertionError(
-                    f"{key} exited {self.processes[key].returncode}:\n{self.tail(key)}"
-                )
+            if not self.state(key).get("Running", False):
+                code = self.state(key).get("ExitCode")
+                raise AssertionError(f"{key} exited {code}:\n{self.tail(key)}")
             if self.healthy(task, name):
                 return
             time.sleep(1)
         raise AssertionError(f"{key} not healthy after {timeout} s:\n{self.tail(key)}")
 
     def start_task(self, task: str) -> None:
-        """All containers of a task definition, in the order their dependsOn conditions give."""
+        """All containers of a task definition, on the task's volumes, in the order their
+        dependsOn conditions give."""
+        volumes = self.task_volumes(task)
         done: set[str] = set()
         pending = [c["name"] for c in containers(task)]
         while pending:
@@ -349,22 +418,35 @@ class EcsStack:
                 needs = definition.get("dependsOn") or []
                 if all(d["containerName"] in done for d in needs):
                     pending.remove(name)
-                    self.run(task, name)
+                    key = self.run(task, name, volumes)
                     if definition.get("essential") is False:
-                        key = f"{task}-{name}"
                         code = self.wait_exit(key)
                         assert code == 0, f"{key} exited {code}:\n{self.tail(key)}"
                     elif definition.get("healthCheck"):
                         self.wait_healthy(task, name)
                     done.add(name)
 
+    def logged(self, prediction_id: str) -> dict | None:
+        """A row of the prediction log (its summary left out), read inside the webapp's
+        container with its own settings (the database answers only in the namespace)."""
+        done = self.exec("webapp", "webapp", ["python", "-c", LOGGED_SCRIPT, prediction_id])
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     def tail(self, key: str, lines: int = 60) -> str:
+        if key in self.started:
+            done = engine.podman(
+                "logs", "--tail", str(lines), self.container_name(key), check=False
+            )
+            return (done.stdout + done.stderr) or "(no log)"
         log = self.logs.get(key)
         if not log or not log.exists():
             return "(no log)"
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
     def close(self) -> None:
+        for key in self.started:
+            engine.podman("rm", "-f", "-t", "5", self.container_name(key), check=False)
         for process in self.processes.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)

@@ -1,9 +1,9 @@
-"""What the ECS stand-in (ecs_stack.py) runs its tasks with, as processes: a private network
-namespace and the parts of a Dockerfile that say what a container runs.
+"""What the ECS stand-in (ecs_stack.py) and the compose checks share: a private network
+namespace (where the AWS services' stand-ins run and the task containers join), and the parts of
+a Dockerfile that say what a container runs (test_compose_files.py reads them offline).
 
-docker-compose.yaml itself is no longer run this way: tests/test_compose_engine.py runs it with
-docker-compose on podman, every image built. The ECS task definitions still are, until they run
-as containers of the built images too.
+Neither docker-compose.yaml nor the task definitions run as processes any more: compose runs on
+podman (test_compose_engine.py), the task definitions as containers of the built images.
 """
 
 from __future__ import annotations

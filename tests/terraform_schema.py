@@ -23,7 +23,7 @@ META_BLOCKS = {"lifecycle", "provisioner", "connection"}
 
 @cache
 def schemas() -> dict[str, dict]:
-    """{"aws": schema, "random": schema} from the committed extracts."""
+    """{"aws": schema} from the committed extract."""
     found = {}
     for path in sorted(SCHEMAS.glob("*-provider-*.json.gz")):
         with gzip.open(path, "rt") as handle:

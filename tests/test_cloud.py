@@ -144,6 +144,7 @@ def aws(monkeypatch):
             "log_stream_prefix": "ecs",
             "model_name": "chest-xray-pneumonia",
             "image_tag": "0.1.0",
+            "image_platform": "linux/amd64",
             "ecr_repository_urls": {
                 image: f"123456789012.dkr.ecr.{REGION}.amazonaws.com/hm-mlflow/{image}"
                 for image in ("mlflow", "webapp", "model")
@@ -202,14 +203,24 @@ def test_push_images_prints_the_build_and_push_commands(aws, tmp_path):
         f"aws ecr get-login-password --region {REGION} | docker login --username AWS "
         f"--password-stdin {registry}" in lines
     )
+    pushes = []
     for image, dockerfile in outputs["dockerfiles"].items():
         target = f"{registry}/hm-mlflow/{image}:0.1.0"
-        assert f"docker build -f {dockerfile} -t {target} ." in lines
+        build = f"docker build --platform linux/amd64 -f {dockerfile} -t {target} ."
+        assert build in lines  # for the task definitions' X86_64, whatever builds it
         assert f"docker push {target}" in lines
         assert (REPO / dockerfile).is_file()
-        assert lines.index(f"docker build -f {dockerfile} -t {target} .") < lines.index(
-            f"docker push {target}"
+        assert lines.index(build) < lines.index(f"docker push {target}")
+        pushes.append(lines.index(f"docker push {target}"))
+    # Then each service deploys again: its first deployment, made before the images existed,
+    # failed and is not retried by ECS.
+    for service in outputs["services"].values():
+        redeploy = (
+            f"aws ecs update-service --region {REGION} --cluster hm-mlflow-cluster "
+            f"--service {service} --force-new-deployment "
+            "--query service.serviceName --output text"
         )
+        assert redeploy in lines and lines.index(redeploy) > max(pushes)
     assert "0.2.0" in run(write_outputs(tmp_path, outputs), "push-images", "--tag", "0.2.0").output
 
 

@@ -1,9 +1,10 @@
-"""The AWS task definitions, run as processes (ecs_stack.py): the MLflow task upgrades its
-database, serves, and creates the client users; the training task trains on the data bucket and
-promotes a version; the webapp serves it through the internal load balancer's host rules; each
-MLflow user can do what secrets.tf says and no more. Then the training notebook as the SageMaker
-notebook instance runs it: PROFILE = "cloud", the environment its lifecycle configuration writes,
-MLflow by name with the password from Secrets Manager, more than 1,000 films in one class."""
+"""The AWS task definitions, run as containers of the built images (ecs_stack.py): the MLflow
+task upgrades its database, serves, and creates the client users; the training task trains on the
+data bucket and promotes a version; the webapp serves it through the internal load balancer's host
+rules; each MLflow user can do what secrets.tf says and no more. Then the training notebook as the
+SageMaker notebook instance runs it: PROFILE = "cloud", the environment its lifecycle
+configuration writes, MLflow by name with the password from Secrets Manager, more than 1,000
+films in one class."""
 
 from __future__ import annotations
 
@@ -20,21 +21,20 @@ from botocore.exceptions import ClientError
 
 from hm_mlflow.synthetic import write_sample_set
 
+import engine
 from ecs_stack import DOMAIN, S3_KEY, S3_PORT, S3_SECRET, WEBAPP_KEY, WEBAPP_SECRET, EcsStack
 from process_stack import can_run, fresh_workdir
-from support import BIN, NOTEBOOK, executed_text, logged, wait_until
+from support import BIN, NOTEBOOK, executed_text, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def stack():
+def stack(project_images):
     """The deployment's infrastructure with the MLflow task running and empty buckets."""
-    reason = can_run()
-    if reason:
-        pytest.skip(reason)
+    engine.require(can_run())
     workdir = fresh_workdir()
-    stack = EcsStack(workdir)
+    stack = EcsStack(workdir, project_images)
     try:
         stack.start_infrastructure()
         stack.start_task("mlflow")
@@ -128,8 +128,7 @@ def test_the_cloud_deployment_trains_promotes_and_serves(stack, tmp_path):
     # by the MLflow task's predictions-db step, over TLS) and its film under the data bucket's
     # feedback prefix, written with the webapp role's keys, which can do nothing else.
     assert "tables ready" in stack.tail("mlflow-predictions-db")
-    _, webapp_env = stack.resolve("webapp", "webapp")
-    row = wait_until(lambda: logged(stack.ns, webapp_env, answer.json()["prediction_id"]))
+    row = wait_until(lambda: stack.logged(answer.json()["prediction_id"]))
     assert row["model_version"] == "1" and row["film"].startswith("s3://data-bucket/feedback/")
     key = row["film"].removeprefix("s3://data-bucket/")
     assert wait_until(lambda: s3(stack).head_object(Bucket="data-bucket", Key=key))

@@ -4,15 +4,19 @@ only /tmp writable, as infra/ecs.tf runs every task (readonlyRootFilesystem, one
 
 The three containers make the smallest platform: MLflow on SQLite in /tmp, the model image
 registering the bundled model (`hm-mlflow bootstrap`, which downloads, logs and writes plots),
-the webapp answering a film with its prediction log in /tmp. Each has its own volume, made
-empty by the engine as ECS makes a task's.
+the webapp answering a film with its prediction log in /tmp. Each has its own /tmp, made as
+Fargate makes a task volume's bind mount (ecs_stack.py): root's and 0755 unless the image
+declares /tmp a VOLUME.
 """
 
 from __future__ import annotations
 
 import secrets
+import shutil
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,6 +25,7 @@ from hm_mlflow.dataset import list_split
 
 import engine
 import stand_ins
+from ecs_stack import expose_declared_volume, new_bind_mount
 from support import wait_for_version
 
 pytestmark = pytest.mark.integration
@@ -28,10 +33,8 @@ READ_ONLY = ["--read-only", "--read-only-tmpfs=false"]  # as ECS: nothing writab
 
 
 @pytest.fixture(scope="module")
-def images() -> dict[str, str]:
-    engine.require(engine.missing())
-    stand_ins.ensure()
-    return engine.build_project_images(["mlflow", "webapp", "model"])
+def images(project_images) -> dict[str, str]:
+    return project_images
 
 
 def free_port() -> int:
@@ -41,24 +44,24 @@ def free_port() -> int:
 
 
 class Containers:
-    """Containers, volumes and a network made for one test, removed after it."""
+    """Containers, their /tmp folders and a network made for one test, removed after it."""
 
     def __init__(self) -> None:
         self.tag = secrets.token_hex(4)
         self.network = f"hm-ro-{self.tag}"
         self.names: list[str] = []
-        self.volumes: list[str] = []
+        self.folders = Path(tempfile.mkdtemp(prefix="hm-ro-"))
         engine.podman("network", "create", self.network)
 
-    def volume(self, name: str) -> str:
-        volume = f"hm-ro-{self.tag}-{name}"
-        engine.podman("volume", "create", volume)
-        self.volumes.append(volume)
-        return volume
+    def tmp(self, name: str, image: str) -> Path:
+        """The container's /tmp, as Fargate mounts a task volume there."""
+        folder = new_bind_mount(self.folders / name)
+        expose_declared_volume(image, "/tmp", folder)
+        return folder
 
     def run(self, name: str, image: str, *argv: str, env: dict, detach: bool = True, ports=()):
         args = ["run", *READ_ONLY, "--network", self.network, "--name", name]
-        args += ["-v", f"{self.volume(name)}:/tmp"]
+        args += ["-v", f"{self.tmp(name, image)}:/tmp"]
         for key, value in env.items():
             args += ["-e", f"{key}={value}"]
         for port in ports:
@@ -73,8 +76,7 @@ class Containers:
     def close(self) -> None:
         for name in self.names:
             engine.podman("rm", "-f", "-t", "5", name, check=False)
-        for volume in self.volumes:
-            engine.podman("volume", "rm", "-f", volume, check=False)
+        shutil.rmtree(self.folders, ignore_errors=True)
         engine.podman("network", "rm", "-f", self.network, check=False)
 
 
@@ -85,6 +87,26 @@ def wait_healthy(name: str, logs, timeout: float = 240) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{name} never healthy:\n{logs(name)}")
         time.sleep(3)
+
+
+def test_a_task_volume_is_writable_only_where_the_image_declares_it(images, tmp_path):
+    """Fargate's bind mount on /tmp is root's 0755, which the images' user 10001 cannot write,
+    unless the image declares VOLUME /tmp: then it starts as the image's /tmp, mode 1777."""
+    probe = ["sh", "-c", "stat -c '%a %U' /tmp && touch /tmp/written"]
+    cases = {"base": stand_ins.STAND_INS["python"], **images}
+    for name, image in cases.items():
+        folder = new_bind_mount(tmp_path / name)
+        expose_declared_volume(image, "/tmp", folder)
+        done = engine.podman(
+            "run", "--rm", *READ_ONLY, "--user", "10001", "--entrypoint", "",
+            "-v", f"{folder}:/tmp", image, *probe, check=False,
+        )  # fmt: skip
+        if name == "base":  # no VOLUME: as ECS mounts it, nobody but root may write
+            assert done.stdout.split() == ["755", "root"]
+            assert done.returncode != 0 and "Permission denied" in done.stderr
+        else:
+            assert done.stdout.split() == ["1777", "root"], (name, done.stdout, done.stderr)
+            assert done.returncode == 0 and (folder / "written").exists(), done.stderr
 
 
 @pytest.mark.timeout(1800)

@@ -26,7 +26,7 @@ from infra_model import (
 )
 
 REPO = INFRA.parent
-DOMAIN = "hm-mlflow.local"
+DOMAIN = "hm-mlflow.internal"
 SERVICE_OF_HOST = {f"mlflow.{DOMAIN}": "mlflow", f"app.{DOMAIN}": "webapp"}
 
 
@@ -142,20 +142,10 @@ def test_log_groups_match_the_task_definitions():
 
 def test_every_secret_comes_from_secrets_manager_and_no_password_is_plain_environment():
     secret_ids = {s["id"] for s in resources("aws_secretsmanager_secret").values()}
-    raw = raw_locals()
     for task in ("mlflow", "webapp", "training", "monitor"):
         for definition in containers(task):
             for secret in definition.get("secrets", []):
-                value = secret["valueFrom"]
-                if value is None:  # the RDS-managed secret: its ARN is known only to AWS
-                    assert secret["name"] == "MLFLOW_DB_PASSWORD"
-                    assert "local.db_password" in raw["mlflow_server_secrets"]
-                    assert (
-                        "aws_db_instance.mlflow.master_user_secret[0].secret_arn"
-                        in raw["db_password"]
-                    )
-                else:
-                    assert value in secret_ids, (definition["name"], secret["name"])
+                assert secret["valueFrom"] in secret_ids, (definition["name"], secret["name"])
             for name in env(definition):
                 assert not re.search(r"PASSWORD|SECRET|TOKEN", name), (definition["name"], name)
     # With authentication, every MLflow client signs in with a password from a secret.
@@ -173,10 +163,18 @@ def test_every_secret_comes_from_secrets_manager_and_no_password_is_plain_enviro
     assert env(container("webapp", "webapp"))["MLFLOW_TRACKING_USERNAME"] == "webapp"
     assert env(containers("training")[0])["MLFLOW_TRACKING_USERNAME"] == "trainer"
     assert env(container("monitor", "monitor"))["MLFLOW_TRACKING_USERNAME"] == "trainer"
-    # The database password is RDS's own, never in Terraform state.
+    # The database password is Terraform's, not RDS's managed one (which rotates every 7 days
+    # under tasks that read it at start), and only ever in write-only arguments.
     database = one("aws_db_instance", "aws_db_instance.mlflow")
-    assert database["manage_master_user_password"] is True
+    assert not database.get("manage_master_user_password")
     assert "password" not in database
+    assert "ephemeral.aws_secretsmanager_random_password.database" in (INFRA / "rds.tf").read_text()
+    (mlflow_password,) = [
+        s for s in container("mlflow", "mlflow")["secrets"] if s["name"] == "MLFLOW_DB_PASSWORD"
+    ]
+    assert address(mlflow_password["valueFrom"]) == "aws_secretsmanager_secret.database"
+    for version in resources("aws_secretsmanager_secret_version").values():
+        assert "secret_string" not in version, version["__tfmeta"]["path"]
 
 
 def test_only_the_public_load_balancer_accepts_traffic_from_outside():

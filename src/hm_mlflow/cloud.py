@@ -5,7 +5,8 @@ outputs: `terraform output -json` run in infra/, a file of them (`terraform outp
 outputs.json`), or single values given on the command line. AWS credentials come from the usual
 places (a profile, environment variables, an instance or task role); none is stored here.
 
-    push-images    the docker build / push commands for the three ECR repositories
+    push-images    the docker build / push commands for the three ECR repositories, then a new
+                   deployment of each service
     upload-data    a Kaggle-layout folder into the data bucket, skipping what is already there
     upload-code    the package wheel, its constraints and the notebook, for the notebook instance
     retrain        run the training task, wait for it, show its log and what the registry holds
@@ -169,18 +170,30 @@ def aws_errors(doing: str) -> Iterator[None]:
 
 
 def image_commands(outputs: Outputs, tag: str | None = None) -> list[str]:
-    """The shell commands that build the three images and push them to ECR, in order."""
+    """The shell commands that build the three images for the task definitions' platform, push
+    them to ECR, then start a new deployment of each service, in order. The services exist
+    before their images do (`terraform apply` made them): their first deployment could not pull
+    and stays failed until a new one starts."""
     urls, dockerfiles = outputs["ecr_repository_urls"], outputs["dockerfiles"]
     tag = tag or outputs["image_tag"]
+    region = shlex.quote(outputs["region"])
     registry = next(iter(urls.values())).split("/")[0]
     commands = [
-        f"aws ecr get-login-password --region {shlex.quote(outputs['region'])} | "
+        f"aws ecr get-login-password --region {region} | "
         f"docker login --username AWS --password-stdin {registry}"
     ]
+    platform = shlex.quote(outputs["image_platform"])
     for image in sorted(urls):
         target = f"{urls[image]}:{tag}"
-        commands.append(f"docker build -f {dockerfiles[image]} -t {target} .")
+        commands.append(f"docker build --platform {platform} -f {dockerfiles[image]} -t {target} .")
         commands.append(f"docker push {target}")
+    cluster = shlex.quote(outputs["cluster_name"])
+    for service in sorted(outputs["services"].values()):
+        commands.append(
+            f"aws ecs update-service --region {region} --cluster {cluster} "
+            f"--service {shlex.quote(service)} --force-new-deployment "
+            "--query service.serviceName --output text"
+        )
     return commands
 
 
