@@ -12,7 +12,7 @@
 #              the training task and follow it (PassRole limited to that task's two roles)
 
 locals {
-  task_roles  = toset(["mlflow", "webapp", "training", "monitor"])
+  task_roles  = toset(["mlflow", "webapp", "training", "monitor", "batch"])
   cluster_arn = "arn:${local.partition}:ecs:${local.region}:${local.account_id}:cluster/${local.cluster_name}"
 }
 

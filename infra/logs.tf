@@ -7,6 +7,7 @@ locals {
     webapp   = "/ecs/${var.name}-webapp"
     training = "/ecs/${var.name}-model-training"
     monitor  = "/ecs/${var.name}-monitor"
+    batch    = "/aws/batch/${var.name}-predict"
   }
 }
 

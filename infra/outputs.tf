@@ -171,3 +171,28 @@ output "github_plan_role_arn" {
   description = "The role infra.yml's plan job assumes; empty without github_repository."
   value       = local.github ? aws_iam_role.github["plan"].arn : ""
 }
+
+output "batch_job_queue" {
+  description = "AWS Batch job queue of the batch scoring jobs (hm-mlflow cloud predict)."
+  value       = aws_batch_job_queue.predict.name
+}
+
+output "batch_job_definition" {
+  description = "AWS Batch job definition of the batch scoring jobs."
+  value       = aws_batch_job_definition.predict.name
+}
+
+output "batch_log_group" {
+  description = "CloudWatch log group of the batch scoring jobs."
+  value       = aws_cloudwatch_log_group.service["batch"].name
+}
+
+output "batch_input_uri" {
+  description = "Where the batch scoring jobs may read films: s3://DATA_BUCKET/batch_input_prefix/."
+  value       = "s3://${module.data_bucket.id}/${var.batch_input_prefix}/"
+}
+
+output "batch_output_uri" {
+  description = "Where the batch scoring jobs may write results."
+  value       = "s3://${module.data_bucket.id}/${var.batch_output_prefix}/"
+}

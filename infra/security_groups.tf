@@ -10,6 +10,7 @@ locals {
     webapp       = "Webapp tasks"
     training     = "Training tasks"
     monitor      = "Monitor tasks (the daily schedule)"
+    batch        = "Batch scoring jobs (AWS Batch on Fargate)"
     notebook     = "SageMaker notebook instance"
     database     = "RDS PostgreSQL, MLflow's backend store"
     endpoints    = "VPC interface endpoints"
@@ -22,6 +23,7 @@ locals {
     alb-internal-from-training = { group = "alb_internal", port = 80, source = "training" }
     alb-internal-from-notebook = { group = "alb_internal", port = 80, source = "notebook" }
     alb-internal-from-monitor  = { group = "alb_internal", port = 80, source = "monitor" }
+    alb-internal-from-batch    = { group = "alb_internal", port = 80, source = "batch" }
     mlflow-from-alb-public     = { group = "mlflow", port = local.services.mlflow.port, source = "alb_public" }
     mlflow-from-alb-internal   = { group = "mlflow", port = local.services.mlflow.port, source = "alb_internal" }
     webapp-from-alb-public     = { group = "webapp", port = local.services.webapp.port, source = "alb_public" }
@@ -31,6 +33,7 @@ locals {
     database-from-webapp   = { group = "database", port = 5432, source = "webapp" }
     database-from-training = { group = "database", port = 5432, source = "training" }
     database-from-monitor  = { group = "database", port = 5432, source = "monitor" }
+    database-from-batch    = { group = "database", port = 5432, source = "batch" }
   }
 
   # The listener ports of the public load balancer, open to each allowed CIDR block.
@@ -42,7 +45,7 @@ locals {
 
   # HTTPS out, to AWS APIs (ECR, S3, CloudWatch Logs, Secrets Manager) through the NAT gateway
   # or the VPC endpoints, and to PyPI from the notebook instance.
-  https_egress = toset(["mlflow", "webapp", "training", "notebook", "monitor"])
+  https_egress = toset(["mlflow", "webapp", "training", "notebook", "monitor", "batch"])
 }
 
 resource "aws_security_group" "this" {

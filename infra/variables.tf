@@ -295,3 +295,41 @@ variable "github_state_bucket" {
   type        = string
   default     = ""
 }
+
+# --- Batch scoring (AWS Batch) -----------------------------------------------------------------
+
+variable "batch_input_prefix" {
+  description = "Prefix of the data bucket the batch scoring jobs may read films from (no slashes at the ends)."
+  type        = string
+  default     = "archive"
+}
+
+variable "batch_output_prefix" {
+  description = "Prefix of the data bucket the batch scoring jobs may write results to (no slashes at the ends)."
+  type        = string
+  default     = "scores"
+}
+
+variable "batch_vcpus" {
+  description = "vCPUs of one batch scoring child (Fargate: 0.25, 0.5, 1, 2, 4, ...)."
+  type        = number
+  default     = 2
+}
+
+variable "batch_memory" {
+  description = "Memory of one batch scoring child, MiB (a valid Fargate size for batch_vcpus)."
+  type        = number
+  default     = 4096
+}
+
+variable "batch_max_vcpus" {
+  description = "vCPUs the compute environment runs at most at once (children at a time = this / batch_vcpus)."
+  type        = number
+  default     = 32
+}
+
+variable "batch_timeout_seconds" {
+  description = "Longest a batch scoring child may run before AWS Batch stops it."
+  type        = number
+  default     = 21600
+}

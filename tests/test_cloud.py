@@ -492,3 +492,133 @@ def test_the_monitor_starts_the_ecs_training_task_when_told_to(aws, monkeypatch)
         == (outputs["private_subnet_ids"])
     )
     assert "overrides" not in request  # the task definition's own command: train on the bucket
+
+
+@pytest.fixture
+def batch_aws(monkeypatch, tmp_path):
+    """moto's AWS Batch (jobs run nowhere: they succeed, or fail with
+    MOTO_SIMPLE_BATCH_FAIL_AFTER) with what batch.tf makes, and an outputs file."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws(config={"batch": {"use_docker": False}}):
+        aws_session = boto3.session.Session(region_name=REGION)
+        monkeypatch.setattr(cloud, "session", lambda region: aws_session)
+        iam, ec2, batch = (aws_session.client(s) for s in ("iam", "ec2", "batch"))
+        role = iam.create_role(RoleName="hm-mlflow-batch-task", AssumeRolePolicyDocument="{}")
+        vpc = ec2.create_vpc(CidrBlock="10.42.0.0/16")["Vpc"]["VpcId"]
+        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.42.100.0/24")["Subnet"]["SubnetId"]
+        group = ec2.create_security_group(GroupName="batch", Description="b", VpcId=vpc)
+        # Real AWS Batch uses its service-linked role when none is given; moto wants one named.
+        linked = iam.create_role(RoleName="AWSServiceRoleForBatch", AssumeRolePolicyDocument="{}")[
+            "Role"
+        ]["Arn"]
+        environment = batch.create_compute_environment(
+            computeEnvironmentName="hm-mlflow-predict-env",
+            type="MANAGED",
+            state="ENABLED",
+            serviceRole=linked,
+            computeResources={
+                "type": "FARGATE",
+                "maxvCpus": 32,
+                "subnets": [subnet],
+                "securityGroupIds": [group["GroupId"]],
+            },
+        )
+        batch.create_job_queue(
+            jobQueueName="hm-mlflow-predict",
+            state="ENABLED",
+            priority=1,
+            computeEnvironmentOrder=[
+                {"order": 1, "computeEnvironment": environment["computeEnvironmentArn"]}
+            ],
+        )
+        batch.register_job_definition(
+            jobDefinitionName="hm-mlflow-predict",
+            type="container",
+            platformCapabilities=["FARGATE"],
+            parameters={"data": "s3://d/archive/", "out": "s3://d/scores/", "shards": "1",
+                        "site": "batch"},
+            containerProperties={
+                "image": "x.dkr.ecr/hm-mlflow/model:0.1.0",
+                "command": ["hm-mlflow", "predict", "--data", "Ref::data", "--out", "Ref::out",
+                            "--shards", "Ref::shards", "--site", "Ref::site", "--no-run"],
+                "jobRoleArn": role["Role"]["Arn"],
+                "executionRoleArn": role["Role"]["Arn"],
+                "resourceRequirements": [
+                    {"type": "VCPU", "value": "2"}, {"type": "MEMORY", "value": "4096"},
+                ],
+                "networkConfiguration": {"assignPublicIp": "DISABLED"},
+            },
+        )  # fmt: skip
+        aws_session.client("logs").create_log_group(logGroupName="/aws/batch/hm-mlflow-predict")
+        outputs = {
+            "region": REGION,
+            "name": "hm-mlflow",
+            "batch_job_queue": "hm-mlflow-predict",
+            "batch_job_definition": "hm-mlflow-predict",
+            "batch_log_group": "/aws/batch/hm-mlflow-predict",
+        }
+        yield aws_session, write_outputs(tmp_path, outputs)
+
+
+def test_cloud_predict_submits_an_array_job_and_a_merge_that_waits_for_it(batch_aws):
+    aws_session, outputs_file = batch_aws
+    data, out = "s3://data-bucket/archive/2024/", "s3://data-bucket/scores/2024.csv"
+    result = run(
+        outputs_file, "predict", data, "--out", out, "--shards", "3", "--poll-seconds", "0.2"
+    )
+    assert result.exit_code == 0, result.output
+    assert "(children: succeeded 3)" in result.output and "merge: SUCCEEDED" in result.output
+    batch = aws_session.client("batch")
+    listed = batch.list_jobs(jobQueue="hm-mlflow-predict", jobStatus="SUCCEEDED")
+    jobs = batch.describe_jobs(jobs=[j["jobId"] for j in listed["jobSummaryList"]])["jobs"]
+    scoring = next(j for j in jobs if j["jobName"] == "hm-mlflow-predict" and ":" not in j["jobId"])
+    merging = next(j for j in jobs if j["jobName"] == "hm-mlflow-predict-merge")
+    assert scoring["arrayProperties"]["size"] == 3
+    parts = f"{out}.parts/"
+    assert scoring["parameters"] == {"data": data, "out": parts, "shards": "3", "site": "batch"}
+    assert merging["dependsOn"] == [{"jobId": scoring["jobId"]}]
+    assert merging["container"]["command"] == [
+        "hm-mlflow", "predict-merge", "--parts", parts, "--out", out, "--data", data,
+        "--site", "batch",
+    ]  # fmt: skip
+    assert f"done: {out}" in result.output
+
+
+def test_cloud_predict_fails_with_the_failed_childs_reason_and_log(batch_aws, monkeypatch):
+    aws_session, outputs_file = batch_aws
+    monkeypatch.setenv("MOTO_SIMPLE_BATCH_FAIL_AFTER", "0")
+    batch, logs = aws_session.client("batch"), aws_session.client("logs")
+    outputs = cloud.load_outputs(outputs_file)
+    jobs = cloud.submit_scoring(batch, outputs, "s3://d/archive/", "s3://d/r.csv", 2, "batch")
+    deadline = time.monotonic() + 30
+    while batch.describe_jobs(jobs=[jobs["scoring"]])["jobs"][0]["status"] != "FAILED":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    # What the first child's container wrote before it failed.
+    children = batch.list_jobs(arrayJobId=jobs["scoring"], jobStatus="FAILED")["jobSummaryList"]
+    first = sorted(children, key=lambda c: c["jobId"])[0]
+    stream = batch.describe_jobs(jobs=[first["jobId"]])["jobs"][0]["container"]["logStreamName"]
+    logs.create_log_stream(logGroupName=outputs["batch_log_group"], logStreamName=stream)
+    logs.put_log_events(
+        logGroupName=outputs["batch_log_group"],
+        logStreamName=stream,
+        logEvents=[{"timestamp": int(time.time() * 1000), "message": "Error: no such bucket d"}],
+    )
+    with pytest.raises(cloud.CloudError) as failed:
+        cloud.wait_for_job(batch, logs, outputs, jobs["scoring"], "scoring", 0.1, 30, print)
+    assert f"the scoring job failed: {first['jobId']}" in str(failed.value)
+    assert "Error: no such bucket d" in str(failed.value)
+    # From the command line: the same sentence, no traceback.
+    result = run(outputs_file, "predict", "s3://d/a/", "--out", "s3://d/r.csv", "--shards", "2",
+                 "--poll-seconds", "0.2")  # fmt: skip
+    assert result.exit_code != 0 and "the scoring job failed" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cloud_predict_wants_s3_on_both_sides(batch_aws):
+    _, outputs_file = batch_aws
+    result = run(outputs_file, "predict", "/archive", "--out", "s3://d/r.csv")
+    assert result.exit_code != 0 and "give s3:// URIs" in result.output

@@ -232,6 +232,7 @@ def test_every_security_group_is_attached():
         "notebook": "aws_sagemaker_notebook_instance",
         "database": "aws_db_instance",
         "endpoints": "aws_vpc_endpoint",
+        "batch": "aws_batch_compute_environment",
     }
     assert set(attached) == set(local_values()["security_groups"])
 
@@ -368,3 +369,46 @@ def test_no_account_or_region_is_hard_coded(path: Path):
             r"\b(us|eu|ap|sa|ca|me|af)-(east|west|north|south|central|northeast|southeast)-\d\b",
             line,
         ), line
+
+
+def test_batch_scoring_runs_the_model_image_on_its_shard_with_least_privilege():
+    """AWS Batch: Fargate in the private subnets, the model image's `hm-mlflow predict` on
+    the job's parameters, the task definitions' read-only root and /tmp volume, and a job role
+    that reads the input prefix and writes the output prefix only."""
+    environment = one("aws_batch_compute_environment", "aws_batch_compute_environment.predict")
+    resources_ = environment["compute_resources"]
+    assert resources_["type"] == "FARGATE"
+    assert all(address(s).startswith("aws_subnet.private") for s in resources_["subnets"])
+    (group,) = resources_["security_group_ids"]
+    assert address(group) == 'aws_security_group.this["batch"]'
+    queue = one("aws_batch_job_queue", "aws_batch_job_queue.predict")
+    assert address(queue["compute_environment_order"]["compute_environment"]).startswith(
+        "aws_batch_compute_environment.predict"
+    )
+    container = local_values()["batch_container"]
+    assert container["command"][:2] == ["hm-mlflow", "predict"]
+    for name in ("data", "out", "shards", "site"):
+        assert f"Ref::{name}" in container["command"]
+    assert "--no-run" in container["command"]  # the merge job logs the run
+    definition = one("aws_batch_job_definition", "aws_batch_job_definition.predict")
+    assert set(definition["parameters"]) == {"data", "out", "shards", "site"}
+    assert container["readonlyRootFilesystem"] is True
+    assert container["mountPoints"][0]["containerPath"] == "/tmp"
+    assert container["runtimePlatform"]["cpuArchitecture"] == "X86_64"
+    assert address(container["jobRoleArn"]) == 'aws_iam_role.task["batch"]'
+    names = {s["name"] for s in container["secrets"]}
+    assert names == {"MLFLOW_TRACKING_PASSWORD", "HM_PREDICTIONS_DB_PASSWORD"}
+    assert env(container)["MLFLOW_TRACKING_URI"] == f"http://mlflow.{DOMAIN}"
+
+    policy = raw_data_source_text("batch_task")
+    assert '"s3:PutObject"' in policy and "local.batch_output_arn" in policy
+    written = [line for line in policy.splitlines() if "resources" in line]
+    put = policy.split('sid       = "WriteResults"')[1].split("}")[0]
+    assert "batch_input_arn" not in put and "local.batch_output_arn" in put
+    assert "s3:DeleteObject" not in policy and '*"]' not in "".join(written).replace("/*", "")
+
+
+def raw_data_source_text(name: str) -> str:
+    text = (INFRA / "batch.tf").read_text()
+    start = text.index(f'data "aws_iam_policy_document" "{name}"')
+    return text[start : text.index("\n}\n", start)]

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -309,6 +310,95 @@ def evaluate(data: str | None, split: str, model_uri: str | None, as_json: bool)
         for key, value in result.items():
             shown = value if value is None or isinstance(value, str | int) else f"{value:.4f}"
             click.echo(f"{key:>12}  {shown}")
+
+
+@cli.command()
+@click.option(
+    "--data", required=True, help="Films to score: a folder (recursively) or s3://prefix."
+)
+@click.option(
+    "--out",
+    required=True,
+    help="Results: a .csv or .parquet file, local or s3:// (with --shards: a folder or prefix "
+    "ending in /, where this shard writes its part file).",
+)
+@click.option("--model-uri", default=None, help="[default: models:/HM_MODEL_NAME@HM_MODEL_ALIAS]")
+@click.option("--workers", type=int, default=1, show_default=True, help="Processes scoring.")
+@click.option("--site", default="batch", show_default=True, help="Site in the prediction log.")
+@click.option("--no-log", is_flag=True, help="Leave the prediction log out.")
+@click.option("--shards", type=int, default=1, show_default=True, help="Shards of the films.")
+@click.option(
+    "--shard",
+    type=int,
+    default=None,
+    help="This shard (0 .. shards-1) [default: AWS_BATCH_JOB_ARRAY_INDEX, else 0].",
+)
+@click.option("--part-format", type=click.Choice(["csv", "parquet"]), default="csv")
+@click.option("--no-run", is_flag=True, help="No MLflow run (an array job's merge logs it).")
+@plain_errors
+def predict(
+    data: str,
+    out: str,
+    model_uri: str | None,
+    workers: int,
+    site: str,
+    no_log: bool,
+    shards: int,
+    shard: int | None,
+    part_format: str,
+    no_run: bool,
+) -> None:
+    """Score every film under DATA with one model version; resumable (same --out)."""
+    from hm_mlflow.batch import BatchError, part_name
+    from hm_mlflow.batch import predict as run
+
+    if workers < 1:
+        raise click.BadParameter("at least 1", param_hint="--workers")
+    if shards < 1:
+        raise click.BadParameter("at least 1", param_hint="--shards")
+    if shard is None:
+        shard = int(os.environ.get("AWS_BATCH_JOB_ARRAY_INDEX", "0"))
+    if not 0 <= shard < shards:
+        raise click.BadParameter(f"0 .. {shards - 1}", param_hint="--shard")
+    if out.endswith("/"):  # a part of an array job's results
+        out = f"{out}{part_name(shard, shards, part_format)}"
+    elif shards > 1:
+        raise click.BadParameter("with --shards, a prefix ending in /", param_hint="--out")
+    try:
+        summary = run(
+            data, out, model_uri, workers, site,
+            log_predictions=not no_log, shard=(shard, shards), log_run=not no_run,
+        )  # fmt: skip
+    except BatchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(_batch_line(summary, out))
+
+
+@cli.command("predict-merge")
+@click.option("--parts", required=True, help="The folder or s3:// prefix of the part files.")
+@click.option("--out", required=True, help="Results: a .csv or .parquet file, local or s3://.")
+@click.option("--data", default="", help="What was scored (for the MLflow run).")
+@click.option("--site", default="batch", show_default=True)
+@plain_errors
+def predict_merge(parts: str, out: str, data: str, site: str) -> None:
+    """Merge an array job's part files into RESULTS and log the batch's MLflow run."""
+    from hm_mlflow.batch import BatchError, merge
+
+    try:
+        summary = merge(parts, out, {"data": data, "out": out, "site": site, "parts": parts})
+    except BatchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(_batch_line(summary, out))
+
+
+def _batch_line(summary, out: str) -> str:
+    rates = ", ".join(f"{label} {count}" for label, count in sorted(summary.labels.items()))
+    run = f"; MLflow run {summary.run_id}" if summary.run_id else ""
+    return (
+        f"{summary.scored} films scored by {summary.model_name} version {summary.model_version}"
+        f" ({rates or 'none'}), {summary.failed} unreadable, {summary.skipped} already in {out};"
+        f" {summary.films_per_second:.1f} films/s{run}"
+    )
 
 
 @cli.command()
@@ -738,6 +828,30 @@ def retrain(ctx: click.Context, params, poll_seconds: float, timeout: float) -> 
             click.echo(f"(MLflow at {uri} could not be asked: {exc})")
     elif not summary:
         click.echo("The task succeeded; set MLFLOW_TRACKING_URI to see the registry from here.")
+
+
+@cloud.command("predict")
+@click.argument("data")
+@click.option("--out", required=True, help="s3://BUCKET/KEY.csv or .parquet: the merged results.")
+@click.option("--shards", type=int, default=4, show_default=True, help="Children of the array job.")
+@click.option("--site", default="batch", show_default=True, help="Site in the prediction log.")
+@click.option("--poll-seconds", type=float, default=15.0, show_default=True)
+@click.option("--timeout", type=float, default=86400.0, show_default=True)
+@click.pass_context
+@cloud_errors
+def cloud_predict(
+    ctx: click.Context, data: str, out: str, shards: int, site: str, poll_seconds: float,
+    timeout: float,
+) -> None:  # fmt: skip
+    """Score every film under the s3:// prefix DATA on AWS Batch: an array job of --shards
+    children, then a merge into --out that logs the batch's MLflow run."""
+    from hm_mlflow.cloud import predict_on_batch
+
+    if not 1 <= shards <= 10000:
+        raise click.BadParameter("1 .. 10000 (AWS Batch's array size)", param_hint="--shards")
+    jobs = predict_on_batch(_outputs(ctx), data, out, shards, site, poll_seconds, timeout,
+                            click.echo)  # fmt: skip
+    click.echo(f"done: {out} (scoring job {jobs['scoring']}, merge job {jobs['merge']})")
 
 
 @cloud.command("reviewer-add")

@@ -461,6 +461,112 @@ def task_log(logs, group: str, stream: str, lines: int = LOG_TAIL) -> list[str]:
     return [event["message"].rstrip("\n") for event in events]
 
 
+# --- batch scoring on AWS Batch ---------------------------------------------------------------
+
+
+FINAL = {"SUCCEEDED", "FAILED"}
+
+
+def submit_scoring(batch, outputs: Outputs, data: str, out: str, shards: int, site: str) -> dict:
+    """An array job of `shards` children, each scoring its shard of DATA into a part file under
+    OUT.parts/, and a merge job that runs when all have succeeded; their ids."""
+    parts = f"{out}.parts/"
+    parameters = {"data": data, "out": parts, "shards": str(shards), "site": site}
+    queue, definition, name = (
+        outputs["batch_job_queue"],
+        outputs["batch_job_definition"],
+        outputs["name"],
+    )
+    with aws_errors("submit the scoring job to AWS Batch"):
+        scoring = batch.submit_job(
+            jobName=f"{name}-predict",
+            jobQueue=queue,
+            jobDefinition=definition,
+            parameters=parameters,
+            **({"arrayProperties": {"size": shards}} if shards > 1 else {}),
+        )
+        merging = batch.submit_job(
+            jobName=f"{name}-predict-merge",
+            jobQueue=queue,
+            jobDefinition=definition,
+            parameters=parameters,
+            dependsOn=[{"jobId": scoring["jobId"]}],
+            containerOverrides={
+                "command": ["hm-mlflow", "predict-merge", "--parts", parts, "--out", out,
+                            "--data", data, "--site", site],
+            },
+        )  # fmt: skip
+    return {"scoring": scoring["jobId"], "merge": merging["jobId"], "parts": parts}
+
+
+def wait_for_job(
+    batch,
+    logs,
+    outputs: Outputs,
+    job_id: str,
+    what: str,
+    poll: float,
+    timeout: float,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Poll a Batch job (an array job's children counted) until it ends; the job. A failure is
+    a CloudError with the reason and the log tail of the first failed child."""
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        with aws_errors(f"follow the {what} job"):
+            job = batch.describe_jobs(jobs=[job_id])["jobs"][0]
+        counts = (job.get("arrayProperties") or {}).get("statusSummary") or {}
+        shown = ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()) if v)
+        line = f"  {what}: {job['status']}" + (f" (children: {shown})" if shown else "")
+        if line != last:
+            echo(line)
+            last = line
+        if job["status"] in FINAL:
+            break
+        if time.monotonic() > deadline:
+            raise CloudError(f"the {what} job {job_id} was still {job['status']} after "
+                             f"{timeout:.0f} s; it keeps running in AWS Batch")  # fmt: skip
+        time.sleep(poll)
+    if job["status"] == "SUCCEEDED":
+        return job
+    failed = job
+    if job.get("arrayProperties"):
+        with aws_errors("list the failed children"):
+            children = batch.list_jobs(arrayJobId=job_id, jobStatus="FAILED")["jobSummaryList"]
+        if children:
+            first = sorted(children, key=lambda c: c["jobId"])[0]
+            failed = batch.describe_jobs(jobs=[first["jobId"]])["jobs"][0]
+    stream = (failed.get("container") or {}).get("logStreamName")
+    tail = task_log(logs, outputs["batch_log_group"], stream) if stream else []
+    reason = failed.get("statusReason") or "no reason given"
+    raise CloudError(
+        f"the {what} job failed: {failed['jobId']}: {reason}"
+        + ("\n" + "\n".join(tail) if tail else " (no log)")
+    )
+
+
+def predict_on_batch(
+    outputs: Outputs,
+    data: str,
+    out: str,
+    shards: int,
+    site: str = "batch",
+    poll: float = 15.0,
+    timeout: float = 24 * 3600,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """`hm-mlflow cloud predict`: submit, follow the children then the merge; the job ids."""
+    if not data.startswith("s3://") or not out.startswith("s3://"):
+        raise CloudError("on AWS Batch the films and the results are in S3: give s3:// URIs")
+    aws = session(outputs["region"])
+    batch, logs = aws.client("batch"), aws.client("logs")
+    jobs = submit_scoring(batch, outputs, data, out, shards, site)
+    echo(f"scoring {data} in {shards} shard(s): job {jobs['scoring']}, merge {jobs['merge']}")
+    wait_for_job(batch, logs, outputs, jobs["scoring"], "scoring", poll, timeout, echo)
+    wait_for_job(batch, logs, outputs, jobs["merge"], "merge", poll, timeout, echo)
+    return jobs
+
+
 def training_summary(lines: list[str]) -> dict | None:
     """The JSON object `hm-mlflow train` prints at the end, found in the log lines."""
     text = "\n".join(lines)
