@@ -17,11 +17,16 @@ CHECKOV := .venv-checkov/bin/checkov
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
+# PyTorch (the train extra) is pinned to its CPU build, which PyTorch's own index serves, not
+# PyPI; pip asks that index too unless a local wheel folder already holds the wheel.
+TORCH_WHEEL := $(wildcard $(PIP_FIND_LINKS)/torch-2.13.0+cpu-*.whl /opt/wheels/torch-2.13.0+cpu-*.whl)
+TORCH_INDEX ?= $(if $(TORCH_WHEEL),,--extra-index-url https://download.pytorch.org/whl/cpu)
+
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "hm-mlflow needs Python 3.11; set PYTHON=python3.11"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip==26.3"
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet $(TORCH_INDEX) -c constraints.txt -e ".[dev]"
 	touch $@
 
 $(COMPOSE): .ci/docker-compose-constraints.txt

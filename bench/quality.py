@@ -1,12 +1,17 @@
-"""Model quality on real chest X-rays: `hm-mlflow train` with its defaults on ../shared/data/cxr.
+"""Model quality on real chest X-rays: `hm-mlflow train` with its defaults on ../shared/data/cxr,
+the old model and the new one, under the old validation and the new, from one run.
 
-Prints grouped cross-validation (mean and spread over folds), the transfer estimate (the same
-held-out films under the panel of acquisition shifts, pooled and shift by shift), the `val`
-split and the training time end to end. Beside them, in the same run: the previous model (the
-package as it was at `--previous`, by bench/previous_model.py, on the same folds, panel and
-`val` films) and the template this project replaces (64 x 64 raw pixels + random forest).
+- old model: HM_TRUNK=false, the hand-made descriptors alone (the previous round's recipe);
+  new model: the defaults, descriptors and the learned trunk's embedding (hm_mlflow.trunk).
+- old validation: grouped cross-validation and the transfer estimate (the same held-out films
+  under the hand-chosen panel of acquisition shifts, pooled and shift by shift); new
+  validation: the framing-matched estimate (held-out NORMAL films reframed to the PNEUMONIA
+  films' own aspect ratios, shifts.framing_targets). Beside them, the old model's figures on
+  the hidden test split, measured from outside: what the validations should have foreseen.
+- the training time of each end to end, the logged model's size and load time, and the
+  template this project replaces (64 x 64 raw pixels + random forest) on the same folds.
 
-    .venv/bin/python bench/quality.py [--data ../shared/data/cxr] [--previous 5b8238b]
+    .venv/bin/python bench/quality.py [--data ../shared/data/cxr]
 
 Runs against a throwaway SQLite MLflow store in a temporary folder.
 """
@@ -17,8 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,35 +39,6 @@ from hm_mlflow.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cxr"
-PREVIOUS = "5b8238b"
-"""The last commit before the transfer work (feature version 3, Youden's J on CV)."""
-
-
-def previous_model(ref: str, data: Path, tmp: str) -> dict:
-    """The figures of the package as it was at `ref`, from a child process running its code."""
-    old = Path(tmp) / "previous"
-    old.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref, "src"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-    answer = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "previous_model.py"),
-            "--src",
-            str(old / "src"),
-            "--panel",
-            str(ROOT / "src" / "hm_mlflow" / "shifts.py"),
-            "--data",
-            str(data),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(old / "src")},
-    )
-    return json.loads(answer.stdout.strip().splitlines()[-1])
 
 
 def template_features(path: str) -> np.ndarray:
@@ -112,57 +86,76 @@ def row(name: str, values: dict, spread: dict | None = None) -> str:
     return f"{name:<38}" + "".join(cells)
 
 
+HIDDEN_OLD = {"accuracy": 0.875, "roc_auc": 0.961, "sensitivity": 0.979, "specificity": 0.701}
+"""The old model (feature version 4, no trunk) scored from outside on the hidden test split
+(624 films of other patients, issue 20): what a validation should have foreseen."""
+
+
+def validations(m: dict) -> list[tuple[str, dict]]:
+    """The estimates of one training run, old validation first."""
+    return [
+        ("grouped CV, pooled out-of-fold", {k: m[f"cv_oof_{k}"] for k in METRIC_NAMES}),
+        ("old: transfer estimate, pooled", {k: m[f"transfer_{k}"] for k in METRIC_NAMES}),
+        ("new: framing-matched estimate", {k: m[f"framed_{k}"] for k in METRIC_NAMES}),
+        ("val (8 NORMAL + 8 PNEUMONIA)", {k: m.get(f"val_{k}") for k in METRIC_NAMES}),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--previous", default=PREVIOUS, help="git ref of the previous model")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep the MLflow store (models `old` and `new`) in this folder, for bench/latency.py",
+    )
     args = parser.parse_args()
     if not list_split(args.data, "train"):
         raise SystemExit(f"no training images under {args.data}")
     data = args.data.resolve()
 
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.keep.resolve())
         os.chdir(tmp)  # the SQLite store keeps its artifacts beside the working directory
-        settings = Settings(MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
-        started = time.perf_counter()
-        result = train(data, settings, force=True)
-        elapsed = time.perf_counter() - started
-        client = mlflow.MlflowClient(settings.tracking_uri)
-        shifts = json.loads(
-            Path(client.download_artifacts(result.run_id, "transfer/shifts.json", tmp)).read_text()
-        )["shifts"]
-        size_mb, load_s = model_footprint(f"models:/{settings.model_name}/{result.version}", tmp)
-        previous = previous_model(args.previous, data, tmp)
+        for name, trunk in (("old model (descriptors, no trunk)", False), ("new model", True)):
+            settings = Settings(
+                MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db",
+                model_name="old" if not trunk else "new",
+                trunk=trunk,
+            )
+            started = time.perf_counter()
+            result = train(data, settings, force=True)
+            elapsed = time.perf_counter() - started
+            client = mlflow.MlflowClient(settings.tracking_uri)
+            shifts = json.loads(
+                Path(
+                    client.download_artifacts(result.run_id, "transfer/shifts.json", tmp)
+                ).read_text()
+            )["shifts"]
+            uri = f"models:/{settings.model_name}/{result.version}"
+            runs[name] = (result, elapsed, shifts, *model_footprint(uri, f"{tmp}/{trunk}"))
         baseline = template(data, settings)
 
-    m = result.metrics
-    mean = {k: m[f"cv_{k}_mean"] for k in METRIC_NAMES}
-    std = {k: m[f"cv_{k}_std"] for k in METRIC_NAMES}
-    print(
-        f"\nhm-mlflow train, defaults, on {data}: {elapsed:.0f} s end to end "
-        f"(features and transfer panel, {settings.cv_folds}-fold grouped CV, final fit, "
-        "logging, val scoring)"
-    )
-    print(
-        f"operating point {m['threshold']:.3f}: the highest threshold with sensitivity >= "
-        f"{settings.sensitivity_floor} on the held-out films and the transfer panel, pooled"
-    )
-    print(f"logged model {size_mb:.2f} MB on disk, loaded in {load_s:.2f} s (median of 5)\n")
-    print(f"{'':<38}" + "".join(f"{k:>14}" for k in METRIC_NAMES))
-    print(row("grouped CV, mean ± sd over folds", mean, std))
-    print(row("grouped CV, pooled out-of-fold", {k: m[f"cv_oof_{k}"] for k in METRIC_NAMES}))
-    print(row("transfer estimate, pooled", {k: m[f"transfer_{k}"] for k in METRIC_NAMES}))
-    print(row("val (8 NORMAL + 8 PNEUMONIA)", {k: m.get(f"val_{k}") for k in METRIC_NAMES}))
-    print(
-        f"\nprevious model ({args.previous}, feature version {previous['feature_version']}, "
-        f"its own threshold rule: {previous['threshold']:.3f}), same folds, panel and films"
-    )
-    print(row("grouped CV, pooled out-of-fold", previous["cv"]))
-    print(row("transfer estimate, pooled", previous["transfer"]))
-    print(row("val (8 NORMAL + 8 PNEUMONIA)", previous["val"]))
-    print("\ntransfer panel, shift by shift: sensitivity / specificity (previous -> now)")
-    for name, now in shifts.items():
-        before = previous["shifts"][name]
+    print(f"\nhm-mlflow train on {data}, defaults ({settings.cv_folds}-fold grouped CV)")
+    for name, (result, elapsed, _, size_mb, load_s) in runs.items():
+        m = result.metrics
+        print(
+            f"{name}: {elapsed:.0f} s end to end, operating point {m['threshold']:.3f}, "
+            f"logged model {size_mb:.2f} MB, loaded in {load_s:.2f} s (median of 5)"
+        )
+    print(f"\n{'':<38}" + "".join(f"{k:>14}" for k in METRIC_NAMES))
+    print(row("old model on the hidden test split", HIDDEN_OLD))
+    for name, (result, *_) in runs.items():
+        print(name)
+        for label, values in validations(result.metrics):
+            print(row(f"  {label}", values))
+    old_shifts, new_shifts = (runs[name][2] for name in runs)
+    print("\ntransfer panel, shift by shift: sensitivity / specificity (old -> new)")
+    for name, now in new_shifts.items():
+        before = old_shifts[name]
         print(
             f"  {name:<12} sens {before['sensitivity']:.3f} -> {now['sensitivity']:.3f}   "
             f"spec {before['specificity']:.3f} -> {now['specificity']:.3f}   "

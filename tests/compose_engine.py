@@ -157,6 +157,9 @@ class Project:
             "COMPOSE_PROJECT_NAME": self.name,
             "COMPOSE_HTTP_TIMEOUT": "600",
         }
+        wheels = engine.torch_wheels()
+        if wheels:  # the model and jupyter images' PyTorch, from this machine's wheel folder
+            env["TORCH_WHEELS"] = wheels
         done = subprocess.run(
             [str(COMPOSE), *args],
             cwd=self.dir,

@@ -3,7 +3,6 @@ the images built on a container engine."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,10 @@ from hm_mlflow.synthetic import write_sample_set
 
 from support import (
     free_port,
-    free_port_pair,
     make_settings,
-    s3_client,
     serve,
     start,
-    start_seaweed,
+    start_s3,
     stop,
     wait_for,
     wait_for_version,
@@ -77,20 +74,7 @@ def webapp(trained, tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> str:
     """A real S3 API (SeaweedFS) on a free port; returns its endpoint URL."""
-    port = free_port_pair()
-    process = start_seaweed(tmp_path_factory.mktemp("s3"), port)
-    endpoint = f"http://127.0.0.1:{port}"
-    client = s3_client(endpoint)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.list_buckets()
-            break
-        except Exception:
-            if time.monotonic() > deadline or process.poll() is not None:
-                stop(process)
-                raise
-            time.sleep(0.5)
+    process, endpoint = start_s3(tmp_path_factory.mktemp("s3"))
     yield endpoint
     stop(process)
 
@@ -120,5 +104,6 @@ def platform_env(tmp_path):
         "HM_SAMPLE_SIZE": "60",
         "HM_CV_FOLDS": "3",
         "HM_AUGMENT_COPIES": "1",
+        "HM_TRUNK_EPOCHS": "2",
         "HM_REFRESH_SECONDS": "2",
     }

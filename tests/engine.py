@@ -8,6 +8,7 @@ are those "Containers on these machines" in ../shared/NOTES.md found to work as 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -114,7 +115,37 @@ def image_label(name: str, label: str) -> str | None:
 
 
 def build(tag: str, dockerfile: Path, context: Path, *extra: str) -> None:
+    wheels = torch_wheels()
+    if wheels:
+        extra = ("--build-arg", f"TORCH_WHEELS={wheels}", *extra)
     podman("build", *BUILD_ARGS, *extra, "-f", str(dockerfile), "-t", tag, str(context))
+
+
+TORCH_WHEEL = "torch-2.13.0+cpu-*.whl"
+
+
+@functools.cache
+def torch_wheels() -> str | None:
+    """Where a build on this machine finds PyTorch's CPU wheel (the model and jupyter images'
+    TORCH_WHEELS): the local wheel folder pip uses here, served over HTTP on loopback, which a
+    build reaches (chroot isolation runs on the host's network). None where there is no such
+    folder: the Dockerfiles' default, PyTorch's index, applies."""
+    import http.server
+    import threading
+
+    folders = [*os.environ.get("PIP_FIND_LINKS", "").split(), "/opt/wheels"]
+    folder = next((f for f in folders if list(Path(f).glob(TORCH_WHEEL))), None)
+    if folder is None:
+        return None
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=folder)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/"
 
 
 def project_image(name: str) -> str:

@@ -84,15 +84,17 @@ def start(
 
 
 def make_settings(tracking_uri: str, **overrides) -> Settings:
-    """Settings for one test: its own model name, small CV, one augmented copy per image
-    (the defaults' four cost time and exercise nothing more), the given MLflow, and a state
-    folder of its own (its prediction log and kept films: never the checkout's .state/)."""
+    """Settings for one test: its own model name, small CV, one augmented copy per image and
+    two epochs per trunk (the defaults cost time and exercise nothing more), the given MLflow,
+    and a state folder of its own (its prediction log and kept films: never the checkout's
+    .state/)."""
     import tempfile
 
     values = {
         "model_name": f"cxr-{uuid.uuid4().hex[:8]}",
         "cv_folds": 3,
         "augment_copies": 1,
+        "trunk_epochs": 2,
         "workers": 2,
         "state_dir": Path(tempfile.mkdtemp(prefix="hm-test-state-")),
         "MLFLOW_TRACKING_URI": tracking_uri,
@@ -214,6 +216,24 @@ def start_seaweed(
         state / "weed.log",
         {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret},
     )
+
+
+def start_s3(state: Path) -> tuple[subprocess.Popen, str]:
+    """SeaweedFS (`start_seaweed`) on a free port, once its S3 API answers: (process, endpoint)."""
+    port = free_port_pair()
+    process = start_seaweed(state, port)
+    endpoint = f"http://127.0.0.1:{port}"
+    client = s3_client(endpoint)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.list_buckets()
+            return process, endpoint
+        except Exception:
+            if time.monotonic() > deadline or process.poll() is not None:
+                stop(process)
+                raise
+            time.sleep(0.5)
 
 
 def s3_env(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET) -> dict[str, str]:

@@ -42,13 +42,36 @@ def test_same_seed_same_copy_other_seed_other_copy(film):
 
 def test_training_features_do_not_depend_on_the_number_of_processes(sample_root):
     samples = list_split(sample_root, "val")
-    one = extract_features(samples, n_jobs=1, copies=2, seed=9, progress=False, shifts=True)
-    two = extract_features(samples, n_jobs=2, copies=2, seed=9, progress=False, shifts=True)
+    frame_to = np.where(np.arange(len(samples)) % 2, np.nan, 1.6)
+    kwargs = {"copies": 2, "seed": 9, "progress": False, "frame_to": frame_to, "trunk": True}
+    one = extract_features(samples, n_jobs=1, **kwargs)
+    two = extract_features(samples, n_jobs=2, **kwargs)
+    assert one.X_shifted.shape[0] == len(PANEL) + 1  # the panel, then the framing-matched view
+    assert one.views.shape[:2] == (1 + 2 + len(PANEL) + 1, len(samples))
     # OpenCV's float code may differ in the last bit from run to run (seen in CI: one value
     # of 30,080 by 3e-8); a copy drawn with another random stream differs far more than 1e-6.
-    for a, b in ((one.X, two.X), (one.X_aug, two.X_aug), (one.X_shifted, two.X_shifted)):
+    for a, b in (
+        (one.X, two.X),
+        (one.X_aug, two.X_aug),
+        (one.X_shifted, two.X_shifted),
+        (one.views, two.views),
+    ):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert one.digests == two.digests
     assert one.X_aug.shape == (2, len(samples), one.X.shape[1])
-    assert one.X_shifted.shape == (len(PANEL), len(samples), one.X.shape[1])
+    assert one.X_shifted.shape == (len(PANEL) + 1, len(samples), one.X.shape[1])
     assert not np.array_equal(one.X_aug[0], one.X_aug[1])  # two different copies of each image
+
+
+def test_the_framing_matched_view_frames_normal_films_as_the_pneumonia_ones():
+    from hm_mlflow.shifts import framing_targets, reframe
+
+    aspects = np.array([1.2, 1.25, 1.5, 1.6, 1.7, np.nan])
+    y = np.array([0, 0, 1, 1, 1, 1])
+    targets = framing_targets(aspects, y, seed=4)
+    assert np.isnan(targets[2:]).all()  # PNEUMONIA films stay as they are
+    assert set(targets[:2]) <= {1.5, 1.6, 1.7}  # drawn from the PNEUMONIA films' own
+    np.testing.assert_array_equal(targets, framing_targets(aspects, y, seed=4))
+    film = np.zeros((1000, 1200), np.uint8)
+    assert reframe(film, 1.6).shape == (750, 1200)  # neck and abdomen cut
+    assert reframe(film, 1.1).shape == film.shape  # already that wide: as it is

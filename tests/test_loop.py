@@ -435,6 +435,7 @@ def test_training_learns_from_the_readers_films_and_never_from_those_held_out(
             "HM_STATE_DIR": str(settings.state_dir),
             "HM_CV_FOLDS": "3",
             "HM_AUGMENT_COPIES": "1",
+            "HM_TRUNK_EPOCHS": "2",
         },
         Path.cwd(),
     )
@@ -467,6 +468,7 @@ def test_the_monitor_logs_each_version_to_mlflow_and_retrains_when_a_site_drifts
         "HM_DATA_DIR": str(sample_root),
         "HM_CV_FOLDS": "3",
         "HM_AUGMENT_COPIES": "1",
+        "HM_TRUNK_EPOCHS": "2",
         "HM_MONITORING_EXPERIMENT": f"monitoring-{settings.model_name}",
     }
     first = run_hm_mlflow(["monitor", "--retrain-on-drift"], env, Path.cwd())

@@ -86,6 +86,7 @@ def test_train_command_reads_s3_data(mlflow_server, s3_server, s3_root, tmp_path
         "HM_MODEL_NAME": name,
         "HM_CV_FOLDS": "3",
         "HM_AUGMENT_COPIES": "1",
+        "HM_TRUNK_EPOCHS": "2",
     }
     done = run_hm_mlflow(["train", "--data", s3_root], env, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

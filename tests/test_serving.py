@@ -228,9 +228,10 @@ def test_served_probability_equals_features_fed_to_the_estimator(
     )
     path = next(local.rglob("estimator.skops"))
     estimator = skops.io.load(path, trusted=skops.io.get_untrusted_types(file=str(path)))
+    trunk = features.Trunk(next(local.rglob("trunk.onnx")).read_bytes())
     for sample in list_split(sample_root, "test")[:8]:
         data = sample.read_bytes()
-        expected = estimator.predict_proba(features.extract(data)[np.newaxis])[0, 1]
+        expected = estimator.predict_proba(features.extract(data, trunk)[np.newaxis])[0, 1]
         assert post(url, data, sample.name).json()["probability"] == pytest.approx(
             expected, abs=1e-6
         )

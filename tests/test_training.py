@@ -60,6 +60,18 @@ def test_run_records_params_metrics_plots_and_data(trained):
     assert 0.7 < metrics["cv_oof_roc_auc"] < 1.0
     assert 0 < metrics["threshold"] < 1
 
+    # The learned trunk: its size, epochs, loss curve and the ONNX file's checksum are logged,
+    # and OpenCV's run of the exported graph agrees with the trained network.
+    assert int(params["trunk.epochs"]) == settings.trunk_epochs
+    assert int(params["trunk.parameters"]) > 10_000
+    losses = client.get_metric_history(result.run_id, "trunk_loss")
+    assert [m.step for m in losses] == list(range(settings.trunk_epochs))
+    assert all(np.isfinite(m.value) and m.value > 0 for m in losses)
+    assert metrics["trunk_onnx_max_diff"] <= 1e-3
+    # The framing-matched estimate: its own metrics, not part of the panel's pool.
+    assert 0.5 < metrics["framed_roc_auc"] <= 1 and 0 <= metrics["framed_specificity"] <= 1
+    assert len(params["trunk.onnx_sha256"]) == 64
+
     # The transfer estimate: pooled over the panel, the worst shift no better than the pool,
     # every shift in transfer/shifts.json; the operating point keeps the sensitivity floor there.
     assert params["transfer.shifts"] == ",".join(PANEL)
@@ -93,6 +105,11 @@ def test_model_carries_its_own_preprocessing(trained, tmp_path):
             f"models:/{settings.model_name}@production", dst_path=str(tmp_path)
         )
     )
+    onnx = next(local.rglob("trunk.onnx")).read_bytes()
+    run = MlflowClient(settings.tracking_uri).get_run(
+        mlflow.pyfunc.load_model(f"models:/{settings.model_name}@production").metadata.run_id
+    )
+    assert hashlib.sha256(onnx).hexdigest() == run.data.params["trunk.onnx_sha256"]
     shipped = next(local.rglob("features.py")).read_bytes()
     assert (
         hashlib.sha256(shipped).digest()
@@ -122,7 +139,11 @@ def test_served_predictions_equal_training_features_and_estimator(trained, sampl
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
     path = next(local.rglob("estimator.skops"))
     estimator = skops.io.load(path, trusted=skops.io.get_untrusted_types(file=str(path)))
-    direct = estimator.predict_proba(np.stack([features.extract(s.read_bytes()) for s in samples]))
+    # The learned trunk travels as an ONNX graph; OpenCV runs it for the package's features too.
+    trunk = features.Trunk(next(local.rglob("trunk.onnx")).read_bytes())
+    vectors = np.stack([features.extract(s.read_bytes(), trunk) for s in samples])
+    assert vectors.shape[1] == features.n_features() + trunk.width
+    direct = estimator.predict_proba(vectors)
     np.testing.assert_allclose(served["probability"].to_numpy(), direct[:, 1], rtol=1e-6)
     threshold = model.model_config["threshold"]
     expected = np.where(direct[:, 1] >= threshold, "PNEUMONIA", "NORMAL")

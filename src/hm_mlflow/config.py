@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # Training
     cv_folds: int = Field(5, ge=2)
     augment_copies: int = Field(4, ge=0, description="augmented copies of each training image")
+    trunk: bool = Field(True, description="train a convolutional trunk (needs PyTorch)")
+    trunk_epochs: int = Field(8, ge=1, description="epochs of each trunk training")
     seed: int = 42
     workers: int = Field(0, ge=0, description="feature extraction processes; 0 = one per core")
     promotion_margin: float = Field(0.0, ge=0.0)

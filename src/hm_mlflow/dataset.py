@@ -17,6 +17,7 @@ import json
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def list_split(root: str | Path, split: str) -> list[Sample]:
     samples = []
     for label, name in enumerate(LABELS):
         folder = join(root, split, name)
-        locations = _list_s3(folder) if is_s3(root) else _list_local(Path(folder))
+        locations = list(iter_s3(folder)) if is_s3(root) else _list_local(Path(folder))
         samples += [
             Sample(loc, label, patient_id(loc), split)
             for loc in sorted(locations)
@@ -199,13 +200,16 @@ def _s3():
     return boto3.session.Session().client("s3")
 
 
-def _list_s3(prefix_uri: str) -> list[str]:
-    bucket, prefix = _split(prefix_uri.rstrip("/") + "/")
+def iter_s3(prefix_uri: str) -> Iterator[str]:
+    """The s3:// URI of every object under a prefix (a whole bucket when it names none), page
+    by page as S3 lists them (in key order), with boto3's failures as `_plain` errors."""
+    bucket, prefix = _split(prefix_uri)
+    prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     try:
         pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return [
-            f"s3://{bucket}/{item['Key']}" for page in pages for item in page.get("Contents", [])
-        ]
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield f"s3://{bucket}/{item['Key']}"
     except Exception as exc:
         raise _plain(exc, prefix_uri) from exc
 

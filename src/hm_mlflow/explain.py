@@ -98,12 +98,17 @@ def occlusion(model, image: bytes, patch: int = PATCH, stride: int = STRIDE) -> 
         raise ValueError(f"patch {patch} and stride {stride} do not fit a {side} px canvas")
     starts = range(0, side - patch + 1, stride)
     fill = np.median(canvas)
-    vectors = [features.from_image(canvas)]
+    trunk = getattr(model, "trunk", None)  # a learned trunk (feature version 5 on) sees it too
+
+    def describe(film: np.ndarray) -> np.ndarray:
+        return features.from_image(film) if trunk is None else features.from_image(film, trunk)
+
+    vectors = [describe(canvas)]
     for top in starts:
         for left in starts:
             hidden = canvas.copy()
             hidden[top : top + patch, left : left + patch] = fill
-            vectors.append(features.from_image(hidden))
+            vectors.append(describe(hidden))
     # The film as it is, alone: the same computation as the model's answer to /api/predict
     # (a batch may sum in another order and differ in the last bits).
     base = float(np.asarray(model.probability(vectors[0][np.newaxis]))[0])

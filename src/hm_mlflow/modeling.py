@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ class TrainingSet:
     y: np.ndarray  # (n,) 0 NORMAL, 1 PNEUMONIA
     groups: np.ndarray  # (n,) patient of each image
     X_aug: np.ndarray  # (copies, n, features); copies may be 0
+    embedding: np.ndarray | None = None  # columns of the trunk's embedding, if there is one
 
     def rows(self, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(X, y, groups) of the images at `index` (all by default) and of their copies."""
@@ -48,24 +50,32 @@ def _logistic(C: float) -> list[tuple]:
     ]
 
 
-def build_estimator(params: dict | None = None) -> VotingClassifier:
-    """Two L2 logistic regressions with balanced class weights, probabilities averaged: one on
-    every feature, one on the anatomy alone (intensity layout and HOG).
-
-    The texture groups (gradients, local binary patterns) carry much of the signal for diffuse
-    viral pneumonia, but they also react to how a film was processed (edge enhancement, noise);
-    the anatomy view is steadier on films unlike the training set. Averaging keeps both.
-    """
-    C = {**DEFAULT_PARAMS, **(params or {})}["C"]
+def _select(columns: np.ndarray) -> tuple[str, FunctionTransformer]:
     # Column selection as np.take over an index array: skops stores it as one binary block,
     # where a ColumnTransformer keeps its indices as Python lists (about 10 MB of JSON per model).
-    columns = group_columns("intensity", "hog")
-    anatomy = FunctionTransformer(np.take, kw_args={"indices": columns, "axis": 1})
-    views = [
-        ("all", Pipeline(_logistic(C))),
-        ("anatomy", Pipeline([("select", anatomy), *_logistic(C)])),
-    ]
-    return VotingClassifier(views, voting="soft")
+    return ("select", FunctionTransformer(np.take, kw_args={"indices": columns, "axis": 1}))
+
+
+def build_estimator(params: dict | None = None, embedding: np.ndarray | None = None):
+    """L2 logistic regressions with balanced class weights, their probabilities averaged.
+
+    With a learned trunk (`embedding`: the columns of its embedding, after the descriptors):
+    one on every feature and one on the embedding alone. The hand-made descriptors carry the
+    texture of the lung fields, but they also read how a film was framed (bench/quality.py,
+    transfer panel: a NORMAL film collimated as tightly as the PNEUMONIA ones looks like
+    pneumonia to them); the network, trained on reframed copies, is steadier there, and its
+    own view gives it a vote of its own.
+
+    Without a trunk (models of feature version 4 and HM_TRUNK=false): one on every feature and
+    one on the anatomy alone (intensity layout and HOG), steadier than the texture groups on
+    films processed unlike the training set.
+    """
+    C = {**DEFAULT_PARAMS, **(params or {})}["C"]
+    if embedding is not None and len(embedding):
+        second = ("learned", Pipeline([_select(np.asarray(embedding)), *_logistic(C)]))
+    else:
+        second = ("anatomy", Pipeline([_select(group_columns("intensity", "hog")), *_logistic(C)]))
+    return VotingClassifier([("all", Pipeline(_logistic(C))), second], voting="soft")
 
 
 def group_splits(y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> list:
@@ -86,7 +96,9 @@ def fit_calibrated(
     patient-grouped folds."""
     X, y, groups = data.rows(index)
     calibrated = CalibratedClassifierCV(
-        build_estimator(params), method="sigmoid", cv=group_splits(y, groups, n_folds, seed)
+        build_estimator(params, data.embedding),
+        method="sigmoid",
+        cv=group_splits(y, groups, n_folds, seed),
     )
     return calibrated.fit(X, y)
 
@@ -99,6 +111,7 @@ class CrossValidation:
     augmented: np.ndarray  # (copies, n) the same for each augmented copy
     fold: np.ndarray  # (n,) the fold each image was held out in
     shifted: np.ndarray | None = None  # (shifts, n) the same under each transfer shift
+    framed: np.ndarray | None = None  # (n,) the same, NORMAL films framed as PNEUMONIA ones
 
     def summary(self, y: np.ndarray, threshold: float) -> dict[str, float]:
         """Mean and standard deviation over folds of each metric at `threshold`, as `cv_*`."""
@@ -120,19 +133,26 @@ def cross_validate(
     n_folds: int = 5,
     seed: int = 0,
     X_shifted: np.ndarray | None = None,
+    featurise: Callable[[int, np.ndarray], tuple[TrainingSet, np.ndarray | None]] | None = None,
 ) -> CrossValidation:
     """Grouped CV of the whole recipe: augmentation and calibration learnt inside each fold.
     `X_shifted` (shifts, n, features), the training films under the transfer panel, is scored
-    by the same fold models: each film only by the model that never saw it."""
+    by the same fold models: each film only by the model that never saw it. `featurise(k,
+    train)`, when given, is the features of fold k (a learned trunk trained on the films at
+    `train` only): the (TrainingSet, X_shifted) that fold's model is fitted on and scores."""
     n = len(data.y)
     probability, fold = np.zeros(n), np.zeros(n, dtype=int)
     augmented = np.zeros((len(data.X_aug), n))
     shifted = None if X_shifted is None else np.zeros((len(X_shifted), n))
     for k, (train, test) in enumerate(group_splits(data.y, data.groups, n_folds, seed)):
-        model = fit_calibrated(data, train, params, n_folds, seed)
-        probability[test] = model.predict_proba(data.X[test])[:, 1]
+        if featurise is not None:
+            data_k, X_shifted = featurise(k, train)
+        else:
+            data_k = data
+        model = fit_calibrated(data_k, train, params, n_folds, seed)
+        probability[test] = model.predict_proba(data_k.X[test])[:, 1]
         for copy in range(len(data.X_aug)):
-            augmented[copy, test] = model.predict_proba(data.X_aug[copy, test])[:, 1]
+            augmented[copy, test] = model.predict_proba(data_k.X_aug[copy, test])[:, 1]
         if shifted is not None:
             for index in range(len(X_shifted)):
                 shifted[index, test] = model.predict_proba(X_shifted[index, test])[:, 1]

@@ -61,12 +61,14 @@ def log_model(
     config: dict,
     registered_model_name: str | None = None,
     reference: Reference | None = None,
+    trunk: bytes | None = None,
 ) -> ModelInfo:
     """Log `estimator` with this package's features.py and model code, in the active run.
 
     `config` (training date, data digest, synthetic flag, ...) is stored in the model beside the
     threshold and labels, so whoever serves the model can show where it came from. `reference`
-    (the training films' summaries, hm_mlflow.monitoring.reference) goes with it for drift.
+    (the training films' summaries, hm_mlflow.monitoring.reference) goes with it for drift;
+    `trunk` (an ONNX graph, hm_mlflow.trunk) is the learned representation the features append.
     """
     with tempfile.TemporaryDirectory() as tmp:
         estimator_path = Path(tmp) / "estimator.skops"
@@ -74,6 +76,9 @@ def log_model(
         artifacts = {"features": str(FEATURES_CODE), "estimator": str(estimator_path)}
         if reference is not None:
             artifacts["reference"] = str(save_reference(reference, Path(tmp) / "reference.npz"))
+        if trunk is not None:
+            (Path(tmp) / "trunk.onnx").write_bytes(trunk)
+            artifacts["trunk"] = str(Path(tmp) / "trunk.onnx")
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),

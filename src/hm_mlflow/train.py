@@ -26,7 +26,7 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from hm_mlflow import augment as augmentation
-from hm_mlflow import features, interrupt, modeling, plots
+from hm_mlflow import features, interrupt, modeling, plots, shifts
 from hm_mlflow.augment import augment
 from hm_mlflow.config import Settings
 from hm_mlflow.dataset import (
@@ -36,6 +36,7 @@ from hm_mlflow.dataset import (
     is_synthetic,
     list_split,
     manifest,
+    read_head,
     require_split,
     synthetic_info,
 )
@@ -89,31 +90,63 @@ class Extracted:
     X_aug: np.ndarray  # (copies, n, d) augmented copies, for training
     X_shifted: np.ndarray  # (shifts, n, d) the transfer panel, for the estimate only
     digests: list[str]  # SHA-256 of each image's bytes, "" if unreadable
+    # (1 + copies + shifts, n, side, side) float16: the trunk's inputs of the film as served,
+    # of its copies and under the panel, in that order; None when no trunk is trained
+    views: np.ndarray | None = None
 
 
-def _extract_batch(samples: list[Sample], first: int, copies: int, seed: int, shifts: bool):
-    """Features of a batch (see `Extracted`)."""
+def _describe(canvas: np.ndarray, views: np.ndarray | None, view: int, offset: int):
+    """The descriptors of a canvas, keeping its trunk input as view `view` of film `offset`."""
+    if views is not None:
+        views[view, offset] = features.trunk_input(canvas)
+    return features.describe(canvas)
+
+
+def _extract_batch(
+    samples: list[Sample],
+    first: int,
+    copies: int,
+    seed: int,
+    frame_to: np.ndarray | None,
+    trunk: bool = False,
+):
+    """Features of a batch (see `Extracted`). With `frame_to` (one aspect ratio or NaN per
+    film), the panel's shifts and, after them, each film reframed to its aspect ratio."""
     cv2.setNumThreads(1)  # one process per core already
-    width, panel = features.n_features(), list(PANEL.values()) if shifts else []
+    width = features.n_features()
+    panel = [] if frame_to is None else [*PANEL.values(), None]  # None: the framing-matched view
+    side = features.TRUNK_SIDE
     out = Extracted(
         np.full((len(samples), width), np.nan, dtype=np.float32),
         np.full((copies, len(samples), width), np.nan, dtype=np.float32),
         np.full((len(panel), len(samples), width), np.nan, dtype=np.float32),
         [""] * len(samples),
+        np.zeros((1 + copies + len(panel), len(samples), side, side), np.float16)
+        if trunk
+        else None,
     )
     for offset, sample in enumerate(samples):
         data = sample.read_bytes()
         try:
-            out.X[offset] = features.extract(data)  # exactly what serving computes
+            # exactly what serving computes (features.extract), the canvas kept for the trunk
+            canvas = features.normalise(features.to_canvas(features.load(data)))
+            out.X[offset] = _describe(canvas, out.views, 0, offset)
             if copies or panel:
                 # Cut from a finer decode, so a 65 % crop keeps the canvas' detail.
                 film = features.load(data, min_side=2 * features.CANVAS)
             rng = np.random.default_rng([seed, first + offset])
             for k in range(copies):
-                out.X_aug[k, offset] = features.from_image(augment(film, rng))
+                canvas = features.normalise(features.to_canvas(augment(film, rng)))
+                out.X_aug[k, offset] = _describe(canvas, out.views, 1 + k, offset)
             for k, shift in enumerate(panel):
-                shifted = features.crop_to_content(shift(film))  # as an upload would be
-                out.X_shifted[k, offset] = features.from_image(shifted)
+                if shift is None:  # reframed as drawn (shifts.framing_targets), or as it is
+                    aspect = frame_to[offset]
+                    shifted = film if np.isnan(aspect) else shifts.reframe(film, aspect)
+                else:
+                    shifted = shift(film)
+                shifted = features.crop_to_content(shifted)  # as an upload would be
+                canvas = features.normalise(features.to_canvas(shifted))
+                out.X_shifted[k, offset] = _describe(canvas, out.views, 1 + copies + k, offset)
         except (ValueError, cv2.error):
             out.X[offset] = np.nan
             continue
@@ -127,14 +160,24 @@ def extract_features(
     copies: int = 0,
     seed: int = 0,
     progress: bool = True,
-    shifts: bool = False,
+    frame_to: np.ndarray | None = None,
+    trunk: bool = False,
 ) -> Extracted:
-    """Features of `samples`, of `copies` augmented copies of each and (with `shifts`) of each
-    under the transfer panel, with their content hashes, over `n_jobs` processes.
-    Deterministic for a given `seed`."""
+    """Features of `samples`, of `copies` augmented copies of each and (with `frame_to`) of
+    each under the transfer panel and reframed (`_extract_batch`), with their content hashes,
+    over `n_jobs` processes; with `trunk`, the trunk's inputs of all of them. Deterministic for
+    a given `seed`."""
     starts = range(0, len(samples), _BATCH)
     results = Parallel(n_jobs=n_jobs, return_as="generator")(
-        delayed(_extract_batch)(samples[i : i + _BATCH], i, copies, seed, shifts) for i in starts
+        delayed(_extract_batch)(
+            samples[i : i + _BATCH],
+            i,
+            copies,
+            seed,
+            None if frame_to is None else frame_to[i : i + _BATCH],
+            trunk,
+        )
+        for i in starts
     )
     batches = []
     with tqdm(total=len(samples), desc="features", unit="img", disable=not progress) as bar:
@@ -146,6 +189,7 @@ def extract_features(
         np.concatenate([b.X_aug for b in batches], axis=1),
         np.concatenate([b.X_shifted for b in batches], axis=1),
         [d for b in batches for d in b.digests],
+        np.concatenate([b.views for b in batches], axis=1) if trunk else None,
     )
 
 
@@ -185,6 +229,8 @@ class Prepared:
     feedback: FeedbackSet = EMPTY  # the readers' films: some trained on, the rest held out
     holdout: list[Sample] = field(default_factory=list)  # the held-out readers' films, readable
     X_holdout: np.ndarray | None = None  # their features (as served)
+    views: np.ndarray | None = None  # the trunk's inputs (Extracted.views), None without one
+    holdout_views: np.ndarray | None = None  # the held-out readers' films' trunk inputs
 
     @property
     def y(self) -> np.ndarray:
@@ -227,8 +273,17 @@ def prepare(
             f"{data_root}/train holds only one class; both NORMAL and PNEUMONIA are needed"
         )
     groups = np.array([s.patient for s in samples])
+    if settings.trunk:
+        require_torch()
+    frame_to = shifts.framing_targets(_aspects(samples), y, settings.seed)
     extracted = extract_features(
-        samples, settings.n_workers, settings.augment_copies, settings.seed, progress, shifts=True
+        samples,
+        settings.n_workers,
+        settings.augment_copies,
+        settings.seed,
+        progress,
+        frame_to=frame_to,
+        trunk=settings.trunk,
     )
     X = extracted.X
     readable = ~np.isnan(X).any(axis=1)
@@ -246,13 +301,17 @@ def prepare(
         names = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
         log.warning("skipping %d unreadable training images: %s", len(unreadable), names)
     keep = np.flatnonzero(readable)
-    holdout, X_holdout = [], None
+    holdout, X_holdout, holdout_views = [], None, None
     if feedback.holdout:
-        held = extract_features(feedback.holdout, settings.n_workers, progress=False)
+        held = extract_features(
+            feedback.holdout, settings.n_workers, progress=False, trunk=settings.trunk
+        )
         ok = ~np.isnan(held.X).any(axis=1)
         unreadable += [feedback.holdout[i].location for i in np.flatnonzero(~ok)]
         holdout = [feedback.holdout[i] for i in np.flatnonzero(ok)]
         X_holdout = held.X[ok]
+        if held.views is not None:
+            holdout_views = held.views[0, ok]
     return Prepared(
         data_root=data_root,
         samples=[samples[i] for i in keep],
@@ -265,17 +324,110 @@ def prepare(
         feedback=feedback,
         holdout=holdout,
         X_holdout=X_holdout,
+        views=None if extracted.views is None else extracted.views[:, keep],
+        holdout_views=holdout_views,
     )
 
 
-def cross_validate(prepared: Prepared, settings: Settings) -> CrossValidated:
-    """Grouped CV of the whole recipe, the transfer estimate, the operating point and the cv_*
-    and transfer_* metrics; nothing is logged."""
+def _aspects(samples: list[Sample]) -> np.ndarray:
+    """Width / height of each film as stored, from its header (NaN when it cannot be read)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def aspect(sample: Sample) -> float:
+        try:
+            width, height = features.image_size(read_head(sample.location))
+            return width / height
+        except (OSError, ValueError, ZeroDivisionError):
+            return float("nan")
+
+    with ThreadPoolExecutor(8) as pool:
+        return np.array(list(pool.map(aspect, samples)))
+
+
+def require_torch() -> None:
+    """Stop with what to do when the trunk is asked for and PyTorch is not installed."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise DataError(
+            "training the learned trunk needs PyTorch: install the train extra "
+            "(pip install -c constraints.txt -e '.[train]', README: 'The model'), "
+            "or set HM_TRUNK=false to train on the hand-made descriptors alone"
+        ) from exc
+
+
+@dataclass
+class WithTrunk:
+    """A trunk trained on some of the films, and every film's features with its embedding."""
+
+    data: modeling.TrainingSet
+    X_shifted: np.ndarray
+    trained: object  # hm_mlflow.trunk.TrainedTrunk
+    network: object  # the PyTorch network, for the check against the exported graph
+
+
+def with_trunk(
+    prepared: Prepared,
+    index: np.ndarray | None,
+    settings: Settings,
+    progress: bool,
+    desc: str,
+    shifted: bool = True,
+) -> WithTrunk:
+    """Train a trunk on the films at `index` (all by default) and their copies, and append its
+    embedding to the descriptors of every film, copy and (with `shifted`) panel shift."""
+    from hm_mlflow import trunk
+
+    views, data = prepared.views, prepared.data
+    copies = 1 + len(data.X_aug)
+    network, trained = trunk.fit(
+        views[:copies], data.y, index, settings.trunk_epochs, settings.seed, progress, desc
+    )
+    depth, n = (len(views) if shifted else copies), len(data.y)
+    # by the exported graph as OpenCV runs it: the model's own code, and four times faster here
+    served = features.Trunk(trained.onnx)
+    flat = views[:depth].reshape(depth * n, *views.shape[2:])
+    embedded = np.concatenate(
+        [served.embed(flat[i : i + 64].astype(np.float32)) for i in range(0, len(flat), 64)]
+    ).reshape(depth, n, -1)
+    columns = np.arange(data.X.shape[1], data.X.shape[1] + embedded.shape[2])
+    full = modeling.TrainingSet(
+        np.concatenate([data.X, embedded[0]], axis=1),
+        data.y,
+        data.groups,
+        np.concatenate([data.X_aug, embedded[1:copies]], axis=2),
+        embedding=columns,
+    )
+    X_shifted = prepared.X_shifted
+    if shifted:
+        X_shifted = np.concatenate([X_shifted, embedded[copies:]], axis=2)
+    return WithTrunk(full, X_shifted, trained, network)
+
+
+def cross_validate(prepared: Prepared, settings: Settings, progress: bool = True) -> CrossValidated:
+    """Grouped CV of the whole recipe (a trunk trained in each fold when the model has one),
+    the transfer estimate, the operating point and the cv_* and transfer_* metrics; nothing is
+    logged."""
     log.info("cross-validating (%d folds, grouped by patient)", settings.cv_folds)
     y = prepared.y
+    featurise = None
+    if prepared.views is not None:  # each fold's trunk is trained on that fold's films only
+
+        def featurise(k: int, train: np.ndarray):
+            fold = with_trunk(prepared, train, settings, progress, f"trunk, fold {k + 1}")
+            return fold.data, fold.X_shifted
+
     cv = modeling.cross_validate(
-        prepared.data, prepared.params, settings.cv_folds, settings.seed, prepared.X_shifted
+        prepared.data,
+        prepared.params,
+        settings.cv_folds,
+        settings.seed,
+        prepared.X_shifted,
+        featurise,
     )
+    # The last "shift" is the framing-matched view (shifts.framing_targets): an estimate of its
+    # own, never part of the panel that places the operating point.
+    cv.framed, cv.shifted = cv.shifted[len(PANEL)], cv.shifted[: len(PANEL)]
     # The operating point: the sensitivity floor on the held-out films as they are and under
     # every shift of the panel, pooled (README: "The operating point").
     every = np.concatenate([cv.probability, cv.shifted.ravel()])
@@ -297,6 +449,8 @@ def cross_validate(prepared: Prepared, settings: Settings) -> CrossValidated:
     }
     transfer = binary_metrics(np.tile(y, len(cv.shifted)), cv.shifted.ravel(), threshold)
     metrics.update({f"transfer_{k}": transfer[k] for k in METRIC_NAMES})
+    framed = binary_metrics(y, cv.framed, threshold)
+    metrics.update({f"framed_{k}": framed[k] for k in METRIC_NAMES})
     for rate in ("sensitivity", "specificity"):
         values = [m[rate] for m in per_shift.values() if m[rate] is not None]
         if values:
@@ -329,7 +483,7 @@ def train(
         readers_films = labelled_films(settings).without(judged)
     prepared = prepare(data_root, settings, params, progress, readers_films)
     interrupt.check()
-    validated = cross_validate(prepared, settings)
+    validated = cross_validate(prepared, settings, progress)
     interrupt.check()
     return register(prepared, validated, settings, force=force, promote=promote, progress=progress)
 
@@ -424,7 +578,8 @@ def _record_run(
         {
             **{f"model.{k}": v for k, v in params.items()},
             "model.estimator": "soft vote of 2 balanced logistic regressions (all features; "
-            "intensity + HOG), sigmoid-calibrated",
+            + ("the trunk's embedding" if prepared.views is not None else "intensity + HOG")
+            + "), sigmoid-calibrated",
             "augment.copies": settings.augment_copies,
             "augment.crop_height": "-".join(map(str, augmentation.CROP_HEIGHT)),
             "augment.crop_width": "-".join(map(str, augmentation.CROP_WIDTH)),
@@ -469,10 +624,18 @@ def _record_run(
 
     interrupt.check()
     log.info("fitting the final model on %d images", len(samples))
+    data, X_holdout, onnx = prepared.data, prepared.X_holdout, None
+    if prepared.views is not None:
+        final = with_trunk(prepared, None, settings, progress, "trunk, final", shifted=False)
+        data, onnx = final.data, final.trained.onnx
+        X_holdout = _log_trunk(final, prepared, X_holdout)
+        X = data.X
     estimator = modeling.fit_calibrated(
-        prepared.data, params=params, n_folds=settings.cv_folds, seed=settings.seed
+        data, params=params, n_folds=settings.cv_folds, seed=settings.seed
     )
-    site_thresholds, site_metrics = _site_operating_points(estimator, prepared, validated, settings)
+    site_thresholds, site_metrics = _site_operating_points(
+        estimator, prepared, validated, settings, X_holdout
+    )
     metrics.update(site_metrics)
     config = {
         "trained_at": started.isoformat(timespec="seconds"),
@@ -491,7 +654,12 @@ def _record_run(
         settings.seed,
     )
     info = log_model(
-        estimator, threshold, config, registered_model_name=settings.model_name, reference=reference
+        estimator,
+        threshold,
+        config,
+        registered_model_name=settings.model_name,
+        reference=reference,
+        trunk=onnx,
     )
     version = str(info.registered_model_version)
     registry = Registry(settings.model_name, settings.model_alias)
@@ -559,7 +727,11 @@ def _record_run(
 
 
 def _site_operating_points(
-    estimator, prepared: Prepared, validated: CrossValidated, settings: Settings
+    estimator,
+    prepared: Prepared,
+    validated: CrossValidated,
+    settings: Settings,
+    X_holdout: np.ndarray | None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """An operating point of its own for each site with at least HM_MIN_SITE_LABELS labelled
     films, both classes among them: the highest threshold that keeps sensitivity at or above
@@ -569,7 +741,7 @@ def _site_operating_points(
     and the metrics at them on each site's held-out films (`site_<site>_*`)."""
     sites_trained = np.array([s.site or "" for s in prepared.samples])
     held_sites = np.array([s.site for s in prepared.holdout])
-    held_p = estimator.predict_proba(prepared.X_holdout)[:, 1] if prepared.holdout else np.zeros(0)
+    held_p = estimator.predict_proba(X_holdout)[:, 1] if prepared.holdout else np.zeros(0)
     held_y = prepared.y_holdout
     thresholds: dict[str, float] = {}
     found: dict[str, float] = {}
@@ -591,6 +763,46 @@ def _site_operating_points(
                 {f"site_{site}_{k}": scored[k] for k in METRIC_NAMES if scored[k] is not None}
             )
     return thresholds, found
+
+
+ONNX_TOLERANCE = 1e-3
+"""Largest difference allowed between the exported graph run by OpenCV and the PyTorch network
+on the same inputs, in embedding values (they agree to about 1e-6)."""
+
+
+def _log_trunk(final: WithTrunk, prepared: Prepared, X_holdout: np.ndarray | None):
+    """Log the final trunk (size, epochs, loss curve, the ONNX file's SHA-256), check that the
+    graph OpenCV runs computes what training computed, and return the held-out readers' films'
+    features with its embedding."""
+    from hm_mlflow import trunk
+
+    trained = final.trained
+    sample = prepared.views[0, :64].astype(np.float32)
+    served = features.Trunk(trained.onnx).embed(sample)
+    difference = float(np.abs(served - trunk.embed(final.network, sample)).max())
+    if not difference <= ONNX_TOLERANCE:  # fails closed: NaN too
+        raise RuntimeError(
+            f"the exported trunk computes embeddings {difference:.2g} away from the trained "
+            "network's; the model is not logged"
+        )
+    mlflow.log_params(
+        {
+            "trunk.side": features.TRUNK_SIDE,
+            "trunk.width": trained.width,
+            "trunk.parameters": trained.parameters,
+            "trunk.epochs": trained.epochs,
+            "trunk.onnx_sha256": trained.sha256,
+            "trunk.onnx_bytes": len(trained.onnx),
+            "features.n_with_trunk": final.data.X.shape[1],
+        }
+    )
+    for epoch, loss in enumerate(trained.losses):
+        mlflow.log_metric("trunk_loss", loss, step=epoch)
+    mlflow.log_metrics({"trunk_seconds": trained.seconds, "trunk_onnx_max_diff": difference})
+    if X_holdout is None or prepared.holdout_views is None:
+        return X_holdout
+    embedded = features.Trunk(trained.onnx).embed(prepared.holdout_views.astype(np.float32))
+    return np.concatenate([X_holdout, embedded], axis=1)
 
 
 def _provenance(registry: Registry, version) -> tuple[bool, str | None]:
