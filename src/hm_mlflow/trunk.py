@@ -113,7 +113,6 @@ def fit(
     takes every film once, as one of its copies drawn at random and jittered; the classes are
     weighted to count equally."""
     torch.manual_seed(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rng = np.random.default_rng(seed)
     index = np.arange(views.shape[1]) if index is None else np.asarray(index)
     labels = y[index].astype(np.float32)
