@@ -80,10 +80,15 @@ def test_the_cloud_profile_needs_the_instances_environment():
 
 @pytest.mark.integration
 def test_local_profile_trains_compares_and_decides(trained, sample_root, tmp_path):
-    """Against a real MLflow server holding a Production version (conftest's `trained`)."""
-    settings, first = trained
-    client = MlflowClient(settings.tracking_uri)
-    before = {v.version for v in client.search_model_versions(f"name='{settings.model_name}'")}
+    """Against a real MLflow server holding a Production version: a copy of conftest's `trained`
+    under a name of its own, so that whatever the gate decides here, the session's model and the
+    servers on it are left as they were."""
+    session, trained_first = trained
+    client = MlflowClient(session.tracking_uri)
+    name = f"{session.model_name}-notebook"
+    first = client.copy_model_version(f"models:/{session.model_name}/{trained_first.version}", name)
+    client.set_registered_model_alias(name, session.model_alias, first.version)
+    before = {v.version for v in client.search_model_versions(f"name='{name}'")}
     output = tmp_path / "executed.ipynb"
     done = subprocess.run(
         [
@@ -103,9 +108,9 @@ def test_local_profile_trains_compares_and_decides(trained, sample_root, tmp_pat
         ],
         env={
             **__import__("os").environ,
-            "MLFLOW_TRACKING_URI": settings.tracking_uri,
+            "MLFLOW_TRACKING_URI": session.tracking_uri,
             "HM_DATA_DIR": str(sample_root),
-            "HM_MODEL_NAME": settings.model_name,
+            "HM_MODEL_NAME": name,
             "HM_WORKERS": "2",
         },
         capture_output=True,
@@ -114,7 +119,7 @@ def test_local_profile_trains_compares_and_decides(trained, sample_root, tmp_pat
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    after = {v.version for v in client.search_model_versions(f"name='{settings.model_name}'")}
+    after = {v.version for v in client.search_model_versions(f"name='{name}'")}
     (new,) = after - before
     text = executed_text(output)
     assert f"candidate (version {new})" in text and f"production (version {first.version})" in text
@@ -123,7 +128,7 @@ def test_local_profile_trains_compares_and_decides(trained, sample_root, tmp_pat
     cells = json.loads(output.read_text())["cells"]
     images = [o for c in cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 7
-    run_id = client.get_model_version(settings.model_name, new).run_id
+    run_id = client.get_model_version(name, new).run_id
     logged = sorted(a.path for a in client.list_artifacts(run_id, "notebook"))
     assert len(logged) == len(images)
     for path in logged:
