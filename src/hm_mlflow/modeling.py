@@ -57,25 +57,26 @@ def _select(columns: np.ndarray) -> tuple[str, FunctionTransformer]:
 
 
 def build_estimator(params: dict | None = None, embedding: np.ndarray | None = None):
-    """L2 logistic regressions with balanced class weights, their probabilities averaged.
+    """L2 logistic regressions with balanced class weights, their probabilities averaged: one on
+    every feature, one on the anatomy alone (intensity layout and HOG, steadier than the texture
+    groups on films processed unlike the training set) and, with a learned trunk (`embedding`:
+    the columns of its embedding, after the descriptors), one on the embedding alone.
 
-    With a learned trunk (`embedding`: the columns of its embedding, after the descriptors):
-    one on every feature and one on the embedding alone. The hand-made descriptors carry the
-    texture of the lung fields, but they also read how a film was framed (bench/quality.py,
-    transfer panel: a NORMAL film collimated as tightly as the PNEUMONIA ones looks like
-    pneumonia to them); the network, trained on reframed copies, is steadier there, and its
-    own view gives it a vote of its own.
-
-    Without a trunk (models of feature version 4 and HM_TRUNK=false): one on every feature and
-    one on the anatomy alone (intensity layout and HOG), steadier than the texture groups on
-    films processed unlike the training set.
+    The hand-made descriptors carry the texture of the lung fields, but they also read how a
+    film was framed (bench/quality.py, transfer panel: a NORMAL film collimated as tightly as
+    the PNEUMONIA ones looks like pneumonia to them); the network, trained on reframed copies,
+    is steadier there, and its own view gives it a vote of its own. Measured on the shared
+    films (8-epoch trunk, 3 folds): the three voters rank `val` at ROC AUC 0.953 where the
+    embedding's vote beside "all" alone gave 0.859.
     """
     C = {**DEFAULT_PARAMS, **(params or {})}["C"]
+    voters = [
+        ("all", Pipeline(_logistic(C))),
+        ("anatomy", Pipeline([_select(group_columns("intensity", "hog")), *_logistic(C)])),
+    ]
     if embedding is not None and len(embedding):
-        second = ("learned", Pipeline([_select(np.asarray(embedding)), *_logistic(C)]))
-    else:
-        second = ("anatomy", Pipeline([_select(group_columns("intensity", "hog")), *_logistic(C)]))
-    return VotingClassifier([("all", Pipeline(_logistic(C))), second], voting="soft")
+        voters.append(("learned", Pipeline([_select(np.asarray(embedding)), *_logistic(C)])))
+    return VotingClassifier(voters, voting="soft")
 
 
 def group_splits(y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> list:

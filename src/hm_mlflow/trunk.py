@@ -140,7 +140,7 @@ def fit(
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
         losses.append(total / len(order))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     network.eval()
