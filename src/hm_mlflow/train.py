@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import mlflow
@@ -50,6 +51,9 @@ from hm_mlflow.registry import Decision, Registry, decide
 from hm_mlflow.shifts import PANEL
 from hm_mlflow.synthetic import write_sample_set
 from hm_mlflow.tracking import require_server
+
+if TYPE_CHECKING:  # PyTorch is in the train extra only; the annotations need no import
+    from hm_mlflow.trunk import Network, TrainedTrunk
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +366,8 @@ class WithTrunk:
 
     data: modeling.TrainingSet
     X_shifted: np.ndarray
-    trained: object  # hm_mlflow.trunk.TrainedTrunk
-    network: object  # the PyTorch network, for the check against the exported graph
+    trained: TrainedTrunk
+    network: Network  # the PyTorch network, for the check against the exported graph
 
 
 def with_trunk(
