@@ -379,33 +379,41 @@ def with_trunk(
     shifted: bool = True,
 ) -> WithTrunk:
     """Train a trunk on the films at `index` (all by default) and their copies, and append its
-    embedding to the descriptors of every film, copy and (with `shifted`) panel shift."""
+    embedding to the descriptors of every film, copy and (with `shifted`) panel shift. A fold's
+    model scores only its held-out films under the panel, so the other films' shifted views
+    are not embedded: their rows are NaN."""
     from hm_mlflow import trunk
 
     views, data = prepared.views, prepared.data
-    copies = 1 + len(data.X_aug)
+    copies, n = 1 + len(data.X_aug), len(data.y)
     network, trained = trunk.fit(
         views[:copies], data.y, index, settings.trunk_epochs, settings.seed, progress, desc
     )
-    depth, n = (len(views) if shifted else copies), len(data.y)
     # by the exported graph as OpenCV runs it: the model's own code, and four times faster here
     served = features.Trunk(trained.onnx)
-    flat = views[:depth].reshape(depth * n, *views.shape[2:])
-    embedded = np.concatenate(
-        [served.embed(flat[i : i + 64].astype(np.float32)) for i in range(0, len(flat), 64)]
-    ).reshape(depth, n, -1)
-    columns = np.arange(data.X.shape[1], data.X.shape[1] + embedded.shape[2])
+    embedded = _embed(served, views[:copies])
+    columns = np.arange(data.X.shape[1], data.X.shape[1] + served.width)
     full = modeling.TrainingSet(
         np.concatenate([data.X, embedded[0]], axis=1),
         data.y,
         data.groups,
-        np.concatenate([data.X_aug, embedded[1:copies]], axis=2),
+        np.concatenate([data.X_aug, embedded[1:]], axis=2),
         embedding=columns,
     )
     X_shifted = prepared.X_shifted
     if shifted:
-        X_shifted = np.concatenate([X_shifted, embedded[copies:]], axis=2)
+        held = np.arange(n) if index is None else np.setdiff1d(np.arange(n), index)
+        panel = np.full((len(views) - copies, n, served.width), np.nan, dtype=np.float32)
+        panel[:, held] = _embed(served, views[copies:, held])
+        X_shifted = np.concatenate([X_shifted, panel], axis=2)
     return WithTrunk(full, X_shifted, trained, network)
+
+
+def _embed(served: features.Trunk, views: np.ndarray, batch: int = 64) -> np.ndarray:
+    """The embeddings (views, films, width) of trunk inputs (views, films, side, side)."""
+    flat = views.reshape(-1, *views.shape[2:])
+    out = [served.embed(flat[i : i + batch].astype(np.float32)) for i in range(0, len(flat), batch)]
+    return np.concatenate(out).reshape(*views.shape[:2], -1)
 
 
 def cross_validate(prepared: Prepared, settings: Settings, progress: bool = True) -> CrossValidated:
