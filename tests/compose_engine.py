@@ -26,9 +26,9 @@ from pathlib import Path
 
 import engine
 import stand_ins
+from process_stack import COMPOSE
 
 REPO = engine.REPO
-COMPOSE = REPO / ".venv-compose" / "bin" / "docker-compose"
 SOCKET = Path("/run/podman/podman.sock")
 
 
