@@ -68,10 +68,15 @@ class Service:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def wait_healthy(self, timeout: float, ready=lambda body: True) -> dict | str:
-        """Poll the health URL until it answers 200 and `ready(body)`; fail fast if the
-        process dies, with the end of its log."""
+    def wait_healthy(
+        self, timeout: float, ready=lambda body: True, in_a_row: int = 1
+    ) -> dict | str:
+        """Poll the health URL until it answers 200 and `ready(body)` `in_a_row` times running,
+        each on a connection of its own (a server of several workers answers from any of them:
+        one that is ready says nothing of the others); fail fast if the process dies, with the
+        end of its log."""
         deadline = time.monotonic() + timeout
+        streak = 0
         while time.monotonic() < deadline:
             if not self.running():
                 raise PlatformError(
@@ -80,7 +85,12 @@ class Service:
                 )
             body = fetch(self.health_url)
             if body is not None and ready(body):
-                return body
+                streak += 1
+                if streak >= in_a_row:
+                    return body
+                time.sleep(0.05)
+                continue
+            streak = 0
             time.sleep(0.5)
         raise PlatformError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_path}")
 
@@ -243,7 +253,9 @@ class Platform:
             print("Starting the webapp ...", flush=True)
             self.webapp.start()
             status = self.webapp.wait_healthy(
-                timeout=120, ready=lambda b: isinstance(b, dict) and b.get("model_loaded")
+                timeout=120,
+                ready=lambda b: isinstance(b, dict) and b.get("model_loaded"),
+                in_a_row=4 * self.settings.n_web_workers,
             )
             model = status["model"]
             self.monitor.start()
