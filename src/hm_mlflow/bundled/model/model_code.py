@@ -2,8 +2,9 @@
 
 MLflow copies this file into every model it logs ("models from code") and runs the copy when the
 model is loaded. Beside it, the model carries `features.py` as it was at training time, the fitted
-estimator (skops) and its configuration (threshold, labels). So a model needs no hm_mlflow
-package to predict, and an old version keeps the preprocessing it was trained with.
+estimator (skops), its configuration (threshold, labels) and, since feature version 5, the
+learned trunk as an ONNX graph (`trunk.onnx`, run by OpenCV's DNN module). So a model needs no
+hm_mlflow package to predict, and an old version keeps the preprocessing it was trained with.
 
 When the model was trained with a drift reference (`reference.npz`, hm_mlflow.monitoring.reference),
 `analyse` also gives each film's compact feature summary, the one the prediction log keeps.
@@ -147,7 +148,13 @@ class ChestXrayClassifier(PythonModel):
             k: float(v) for k, v in (config.get("site_thresholds") or {}).items()
         }
         self.labels = list(config["labels"])
-        self.linear = LinearVote.from_estimator(self.estimator, self.features.n_features())
+        trunk = context.artifacts.get("trunk")
+        self.trunk = None
+        if trunk:  # the learned representation: an ONNX graph OpenCV runs
+            with open(trunk, "rb") as handle:
+                self.trunk = self.features.Trunk(handle.read())
+        width = self.features.n_features(self.trunk)
+        self.linear = LinearVote.from_estimator(self.estimator, width)
         self.reference = _load_reference(context.artifacts.get("reference"))
 
     def probability(self, vectors: np.ndarray) -> np.ndarray:
@@ -161,8 +168,12 @@ class ChestXrayClassifier(PythonModel):
         were computed from, for a thumbnail). Raises the feature code's ValueError on an image
         it cannot read."""
         film = self.features.load(image)
-        vector = self.features.from_image(film)
+        vector = self.features.from_image(film, self.trunk)
         return float(self.probability(vector[np.newaxis])[0]), film
+
+    def extract(self, image: bytes) -> np.ndarray:
+        """The feature vector of image bytes, with the trunk's embedding if the model has one."""
+        return self.features.extract(image, self.trunk)
 
     def threshold_for(self, site: str | None) -> float:
         """The site's own operating point if the model has one, else the model's."""
@@ -182,7 +193,7 @@ class ChestXrayClassifier(PythonModel):
     def analyse(self, image: bytes) -> tuple[float, np.ndarray, np.ndarray | None]:
         """`classify`, and the film's summary for drift from the same features."""
         film = self.features.load(image)
-        vector = self.features.from_image(film)
+        vector = self.features.from_image(film, self.trunk)
         probability = float(self.probability(vector[np.newaxis])[0])
         return probability, film, self.summarise(vector)
 
@@ -190,9 +201,9 @@ class ChestXrayClassifier(PythonModel):
         images = [_as_bytes(v) for v in model_input["image"]]
         if len(images) > 4:
             with ThreadPoolExecutor() as pool:  # OpenCV releases the GIL while it decodes
-                vectors = list(pool.map(self.features.extract, images))
+                vectors = list(pool.map(self.extract, images))
         else:
-            vectors = [self.features.extract(image) for image in images]
+            vectors = [self.extract(image) for image in images]
         probability = self.probability(np.stack(vectors))
         params = params or {}
         threshold = float(params.get("threshold") or self.threshold_for(params.get("site")))

@@ -13,12 +13,13 @@ described by statistics that do not count pixels.
 from __future__ import annotations
 
 import io
+import threading
 
 import cv2
 import numpy as np
 from PIL import Image
 
-FEATURE_VERSION = "4"
+FEATURE_VERSION = "5"
 CANVAS = 256
 """Side of the square canvas every image is resampled to before description."""
 
@@ -34,7 +35,7 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image that can be read."""
 
 
-def _size(data: bytes) -> tuple[int, int]:
+def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the header alone (Pillow reads no pixels for this)."""
     try:
         with Image.open(io.BytesIO(data)) as header:
@@ -80,7 +81,7 @@ def crop_to_content(image: np.ndarray, flat: float = 4.0) -> np.ndarray:
 def load(data: bytes, min_side: int = CANVAS) -> np.ndarray:
     """Decode and crop to content, at the coarsest scale that leaves the content's short side
     at least `min_side` pixels; a padded image is decoded again finer if cropping left too few."""
-    width, height = _size(data)
+    width, height = image_size(data)
     factor = next((f for f in (8, 4, 2) if min(width, height) // f >= min_side), 1)
     while True:
         image = crop_to_content(decode(data, factor))
@@ -285,9 +286,49 @@ def descriptor_maps(canvas: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def describe(canvas: np.ndarray) -> np.ndarray:
-    """Feature vector of a preprocessed canvas."""
-    return np.concatenate([d(canvas) for d in DESCRIPTORS.values()]).astype(np.float32)
+# --- the learned representation ----------------------------------------------------------
+
+TRUNK_SIDE = 96
+"""Side of the trunk's input: the normalised canvas, resampled."""
+
+
+def trunk_input(canvas: np.ndarray) -> np.ndarray:
+    """What the trunk sees of a normalised canvas: TRUNK_SIDE pixels a side, centred on 0."""
+    small = cv2.resize(canvas, (TRUNK_SIDE, TRUNK_SIDE), interpolation=cv2.INTER_AREA)
+    return small.astype(np.float32) - 0.5
+
+
+class Trunk:
+    """A convolutional network trained on the training films (hm_mlflow.trunk), as an ONNX
+    graph run by OpenCV's DNN module: trunk inputs (n, TRUNK_SIDE, TRUNK_SIDE) in, one
+    embedding per film out. A DNN net is not safe to share between threads: each thread
+    reads its own from the same bytes."""
+
+    def __init__(self, onnx: bytes) -> None:
+        self.onnx = onnx
+        self._local = threading.local()
+        self.width = int(self.embed(np.zeros((1, TRUNK_SIDE, TRUNK_SIDE), np.float32)).shape[1])
+
+    def _net(self):
+        net = getattr(self._local, "net", None)
+        if net is None:
+            net = self._local.net = cv2.dnn.readNetFromONNX(np.frombuffer(self.onnx, np.uint8))
+        return net
+
+    def embed(self, inputs: np.ndarray) -> np.ndarray:
+        """Embeddings (n, width) of trunk inputs (n, TRUNK_SIDE, TRUNK_SIDE)."""
+        net = self._net()
+        net.setInput(np.ascontiguousarray(inputs[:, np.newaxis], dtype=np.float32))
+        return net.forward().reshape(len(inputs), -1).astype(np.float32)
+
+
+def describe(canvas: np.ndarray, trunk: Trunk | None = None) -> np.ndarray:
+    """Feature vector of a preprocessed canvas: the descriptors, then the trunk's embedding
+    when the model has a trunk."""
+    parts = [d(canvas) for d in DESCRIPTORS.values()]
+    if trunk is not None:
+        parts.append(trunk.embed(trunk_input(canvas)[np.newaxis])[0])
+    return np.concatenate(parts).astype(np.float32)
 
 
 def group_columns(*names: str) -> np.ndarray:
@@ -302,15 +343,15 @@ def group_columns(*names: str) -> np.ndarray:
     return np.array(columns, dtype=np.int64)
 
 
-def from_image(image: np.ndarray) -> np.ndarray:
+def from_image(image: np.ndarray, trunk: Trunk | None = None) -> np.ndarray:
     """Feature vector of a decoded, cropped 8-bit grayscale image (see `load`)."""
-    return describe(normalise(to_canvas(image)))
+    return describe(normalise(to_canvas(image)), trunk)
 
 
-def extract(data: bytes) -> np.ndarray:
-    """Image bytes -> feature vector (float32, fixed length `n_features()`)."""
-    return from_image(load(data))
+def extract(data: bytes, trunk: Trunk | None = None) -> np.ndarray:
+    """Image bytes -> feature vector (float32, fixed length `n_features(trunk)`)."""
+    return from_image(load(data), trunk)
 
 
-def n_features() -> int:
-    return len(describe(np.zeros((CANVAS, CANVAS), np.float32)))
+def n_features(trunk: Trunk | None = None) -> int:
+    return len(describe(np.zeros((CANVAS, CANVAS), np.float32))) + (trunk.width if trunk else 0)
