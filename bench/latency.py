@@ -14,6 +14,9 @@
    each run (in a rotating order): the prediction log off (HM_RECORD_PREDICTIONS=false); on,
    films kept, no challenger (the default); on, with a challenger scoring every film in shadow
    (the same model registered again under the alias `challenger`). p50 and the ratio to "off".
+6. The learned trunk's cost (--baseline): the same latency measurement on the model and on one
+   trained without the trunk (HM_TRUNK=false, or --baseline-name in --tracking-uri's store),
+   one after the other in each run (in alternating order), the prediction log off.
 
     .venv/bin/python bench/latency.py [--data ../shared/data/cxr] [--runs 3]
 
@@ -191,10 +194,12 @@ def wait_for_challenger(url: str, version: str, timeout: float = 60) -> None:
         raise SystemExit("the challenger was not loaded")
 
 
-def train_model(data: Path, tmp: Path) -> tuple[str, str]:
+def train_model(
+    data: Path, tmp: Path, name: str = "bench-latency", extra: dict | None = None
+) -> tuple[str, str]:
     uri = f"sqlite:///{tmp}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HM_MODEL_NAME": "bench-latency"}
-    print(f"training on {data}/train (hm-mlflow train, defaults) ...", flush=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HM_MODEL_NAME": name, **(extra or {})}
+    print(f"training {name} on {data}/train (hm-mlflow train, defaults {extra or ''}) ...")
     subprocess.run(
         [str(BIN / "hm-mlflow"), "train", "--data", str(data), "--force"],
         env=env,
@@ -202,7 +207,7 @@ def train_model(data: Path, tmp: Path) -> tuple[str, str]:
         check=True,
         capture_output=True,
     )
-    return uri, "bench-latency"
+    return uri, name
 
 
 def add_challenger(uri: str, name: str) -> str:
@@ -278,6 +283,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--duration", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--baseline", action="store_true", help="the trunk's cost (part 6)")
+    parser.add_argument("--baseline-name", help="with --tracking-uri: the model without trunk")
     args = parser.parse_args()
     if not list_split(args.data, "train"):
         raise SystemExit(f"no training images under {args.data}")
@@ -317,6 +324,26 @@ def main() -> None:
                 + ", ".join(f"{mode} {loop[mode][-1] * 1000:.2f} ms" for mode in LOOP_MODES),
                 flush=True,
             )
+        trunk_cost = {}
+        if args.baseline:
+            if args.tracking_uri and args.baseline_name:
+                baseline = args.baseline_name
+            else:
+                baseline = train_model(args.data, tmp, f"{name}-no-trunk", {"HM_TRUNK": "false"})[1]
+            pair = {"without the trunk": baseline, "with the trunk": name}
+            trunk_cost = {label: [] for label in pair}
+            for run in range(args.runs):
+                for label in list(pair)[:: 1 if run % 2 == 0 else -1]:
+                    off = LOOP_MODES["log off"]
+                    with serving(uri, pair[label], workers, tmp, off) as url:
+                        trunk_cost[label].append(
+                            statistics.median(latency(url, payloads, args.requests))
+                        )
+                print(
+                    f"run {run + 1}: "
+                    + ", ".join(f"{k} {v[-1] * 1000:.2f} ms" for k, v in trunk_cost.items()),
+                    flush=True,
+                )
 
     sizes = [len(data) for _, data in payloads]
     shapes = [
@@ -353,9 +380,19 @@ def main() -> None:
     for mode, values in loop.items():
         middle = statistics.median(values)
         print(f"  {mode:<28} {middle * 1000:.2f} ms  ({middle / off:.3f} x log off)")
+    if trunk_cost:
+        without = statistics.median(trunk_cost["without the trunk"])
+        print(f"the learned trunk's cost, p50, log off, medians of {args.runs} runs:")
+        for label, values in trunk_cost.items():
+            middle = statistics.median(values)
+            print(f"  {label:<28} {middle * 1000:.2f} ms  ({middle / without:.3f} x without)")
     print(
         json.dumps(
             {
+                **{
+                    f"p50_ms_{k.replace(' ', '_')}": statistics.median(v) * 1000
+                    for k, v in trunk_cost.items()
+                },
                 **{
                     f"p50_ms_{m.replace(' ', '_')}": statistics.median(v) * 1000
                     for m, v in loop.items()

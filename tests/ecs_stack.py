@@ -347,12 +347,21 @@ class EcsStack:
     def container_name(self, key: str) -> str:
         return f"{self.prefix}-{key}"
 
-    def run(self, task: str, name: str, volumes: dict[str, Path] | None = None) -> str:
-        """Start one container of a task (a one-container task: its own new volumes); its key."""
+    def run(
+        self,
+        task: str,
+        name: str,
+        volumes: dict[str, Path] | None = None,
+        overrides: dict[str, str] | None = None,
+    ) -> str:
+        """Start one container of a task (a one-container task: its own new volumes); its key.
+        `overrides`: environment set on top of the task definition's, as `aws ecs run-task
+        --overrides '{"containerOverrides": [{"name": ..., "environment": [...]}]}'` sets it."""
         definition = next(c for c in containers(task) if c["name"] == name)
         volumes = self.task_volumes(task) if volumes is None else volumes
         image = self.image(task)
         command, env = self.resolve(task, name)
+        env = {**env, **(overrides or {})}
         key = f"{task}-{name}"
         args = ["run", "-d", "--name", self.container_name(key)]
         args += ["--network", f"ns:/run/netns/{self.ns.name}"]

@@ -83,18 +83,20 @@ def start(
     )
 
 
+# A test's training: small CV, one augmented copy per image, two epochs per trunk (the defaults
+# cost time and exercise nothing more). As environment variables, for the tests that run the
+# images, a task or the notebook; make_settings takes the same values.
+QUICK_TRAINING = {"HM_CV_FOLDS": "3", "HM_AUGMENT_COPIES": "1", "HM_TRUNK_EPOCHS": "2"}
+
+
 def make_settings(tracking_uri: str, **overrides) -> Settings:
-    """Settings for one test: its own model name, small CV, one augmented copy per image and
-    two epochs per trunk (the defaults cost time and exercise nothing more), the given MLflow,
-    and a state folder of its own (its prediction log and kept films: never the checkout's
-    .state/)."""
+    """Settings for one test: its own model name, QUICK_TRAINING, the given MLflow, and a state
+    folder of its own (its prediction log and kept films: never the checkout's .state/)."""
     import tempfile
 
     values = {
         "model_name": f"cxr-{uuid.uuid4().hex[:8]}",
-        "cv_folds": 3,
-        "augment_copies": 1,
-        "trunk_epochs": 2,
+        **{key.removeprefix("HM_").lower(): value for key, value in QUICK_TRAINING.items()},
         "workers": 2,
         "state_dir": Path(tempfile.mkdtemp(prefix="hm-test-state-")),
         "MLFLOW_TRACKING_URI": tracking_uri,

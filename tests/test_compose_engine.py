@@ -27,7 +27,7 @@ from hm_mlflow.synthetic import write_sample_set
 import compose_engine
 import engine
 from compose_engine import HealthChecks, PodmanService, Project
-from support import LOGGED_SCRIPT, wait_for_version, wait_until
+from support import LOGGED_SCRIPT, QUICK_TRAINING, wait_for_version, wait_until
 
 pytestmark = pytest.mark.integration
 MODEL = "chest-xray-pneumonia"  # HM_MODEL_NAME in .env.example
@@ -105,7 +105,7 @@ def uid(project: Project, service: str) -> str:
 
 @pytest.mark.timeout(3600)  # the first `up --build` builds five images
 def test_compose_up_build_as_the_readme_says(podman_engine, sample_root):
-    project = Project("hmcompose", {"HM_FIRST_MODEL": "train"})
+    project = Project("hmcompose", {"HM_FIRST_MODEL": "train", **QUICK_TRAINING})
     source = project.dir / "source" / "chest_xray"
     write_sample_set(source, n_train=60, seed=5)  # the user's data, where source/README.md says
     try:

@@ -24,7 +24,7 @@ from hm_mlflow.synthetic import write_sample_set
 import engine
 from ecs_stack import DOMAIN, S3_KEY, S3_PORT, S3_SECRET, WEBAPP_KEY, WEBAPP_SECRET, EcsStack
 from process_stack import can_run, fresh_workdir
-from support import BIN, NOTEBOOK, executed_text, wait_until
+from support import BIN, NOTEBOOK, QUICK_TRAINING, executed_text, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +97,7 @@ def test_the_cloud_deployment_trains_promotes_and_serves(stack, tmp_path):
             s3(stack).upload_file(str(path), "data-bucket", f"chest_xray/{path.relative_to(root)}")
 
     # The training task, as `aws ecs run-task` starts it.
-    stack.run("training", "model-training")
+    stack.run("training", "model-training", overrides=QUICK_TRAINING)
     code = stack.wait_exit("training-model-training", timeout=900)
     log = stack.tail("training-model-training", lines=400)
     assert code == 0, log
@@ -209,7 +209,7 @@ def test_the_notebook_runs_on_the_notebook_instance(stack, tmp_path):
     in_folder = sum(len(page.get("Contents", [])) for page in pages)
     assert in_folder > 1000
 
-    environment = stack.notebook_environment()
+    environment = {**stack.notebook_environment(), "HM_TRUNK_EPOCHS": "2"}
     assert environment["MLFLOW_TRACKING_URI"] == f"http://mlflow.{DOMAIN}"
     assert "MLFLOW_TRACKING_PASSWORD" not in environment  # read from Secrets Manager
     output = tmp_path / "executed.ipynb"

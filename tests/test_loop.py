@@ -23,7 +23,15 @@ from hm_mlflow.train import train
 
 from dicom_files import make_dicom
 from postgres_server import LocalPostgres
-from support import make_settings, run_hm_mlflow, serve, stop, wait_for, wait_for_version
+from support import (
+    QUICK_TRAINING,
+    make_settings,
+    run_hm_mlflow,
+    serve,
+    stop,
+    wait_for,
+    wait_for_version,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -433,9 +441,7 @@ def test_training_learns_from_the_readers_films_and_never_from_those_held_out(
             "MLFLOW_TRACKING_URI": settings.tracking_uri,
             "HM_MODEL_NAME": settings.model_name,
             "HM_STATE_DIR": str(settings.state_dir),
-            "HM_CV_FOLDS": "3",
-            "HM_AUGMENT_COPIES": "1",
-            "HM_TRUNK_EPOCHS": "2",
+            **QUICK_TRAINING,
         },
         Path.cwd(),
     )
@@ -466,9 +472,7 @@ def test_the_monitor_logs_each_version_to_mlflow_and_retrains_when_a_site_drifts
         "HM_MODEL_NAME": settings.model_name,
         "HM_STATE_DIR": str(settings.state_dir),
         "HM_DATA_DIR": str(sample_root),
-        "HM_CV_FOLDS": "3",
-        "HM_AUGMENT_COPIES": "1",
-        "HM_TRUNK_EPOCHS": "2",
+        **QUICK_TRAINING,
         "HM_MONITORING_EXPERIMENT": f"monitoring-{settings.model_name}",
     }
     first = run_hm_mlflow(["monitor", "--retrain-on-drift"], env, Path.cwd())
