@@ -159,6 +159,10 @@ def build_project_images(names: list[str] | None = None) -> dict[str, str]:
     for name in names or list(IMAGES):
         build(project_image(name), REPO / IMAGES[name], REPO)
         built[name] = project_image(name)
+    # The images these tags named before, untagged by the new builds: several GB a run once the
+    # code changes, which fill a developer's disk in a few runs (the current images' layers,
+    # which the next build reuses, stay).
+    podman("image", "prune", "--force", check=False)
     return built
 
 
