@@ -15,9 +15,9 @@ operating point (`train.cross_validate`):
   as a fold's trunk is trained on them only.
 
 Each is scored under grouped CV, the transfer panel and the framing-matched estimate, and on
-`val` by a model fitted on every training film. The dictionary runs here as one matrix product
-per batch of patches (the same arithmetic as `cv2.filter2D` with the whitened centroids as
-kernels); it is measured, not shipped.
+`val` by a model fitted on every training film. The dictionary runs here as NumPy matrix
+products over each batch's patches (`cv2.filter2D` could give the dot products with the
+centroids, not the per-patch normalisation); it is measured, not shipped.
 
     .venv/bin/python bench/representations.py [--data ../shared/data/cxr] [--folds 3]
         [--copies 2] [--atoms 128]
@@ -101,28 +101,10 @@ def with_dictionary(atoms: int):
     """A stand-in for `train.with_trunk` that learns a patch dictionary instead of a trunk."""
 
     def fit(prepared, index, settings, progress, desc, shifted=True):
-        views, data = prepared.views, prepared.data
-        copies, n = 1 + len(data.X_aug), len(data.y)
-        chosen = np.arange(n) if index is None else np.asarray(index)
-        dictionary = PatchDictionary.learn(
-            views[0, chosen].astype(np.float32), atoms, settings.seed
-        )
-        embedded = np.stack([dictionary.embed(views[c]) for c in range(copies)])
-        columns = np.arange(data.X.shape[1], data.X.shape[1] + dictionary.width)
-        full = modeling.TrainingSet(
-            np.concatenate([data.X, embedded[0]], axis=1),
-            data.y,
-            data.groups,
-            np.concatenate([data.X_aug, embedded[1:]], axis=2),
-            embedding=columns,
-        )
-        X_shifted = prepared.X_shifted
-        if shifted:
-            held = np.setdiff1d(np.arange(n), chosen)
-            panel = np.full((len(views) - copies, n, dictionary.width), np.nan, np.float32)
-            for view in range(copies, len(views)):
-                panel[view - copies, held] = dictionary.embed(views[view, held])
-            X_shifted = np.concatenate([X_shifted, panel], axis=2)
+        chosen = np.arange(len(prepared.y)) if index is None else np.asarray(index)
+        inputs = prepared.views[0, chosen].astype(np.float32)
+        dictionary = PatchDictionary.learn(inputs, atoms, settings.seed)
+        full, X_shifted = train.with_embedding(prepared, index, dictionary, shifted)
         return train.WithTrunk(full, X_shifted, trained=dictionary, network=None)
 
     return fit

@@ -379,20 +379,36 @@ def with_trunk(
     shifted: bool = True,
 ) -> WithTrunk:
     """Train a trunk on the films at `index` (all by default) and their copies, and append its
-    embedding to the descriptors of every film, copy and (with `shifted`) panel shift. A fold's
-    model scores only its held-out films under the panel, so the other films' shifted views
-    are not embedded: their rows are NaN."""
+    embedding to every film's features (`with_embedding`)."""
     from hm_mlflow import trunk
 
     views, data = prepared.views, prepared.data
-    copies, n = 1 + len(data.X_aug), len(data.y)
     network, trained = trunk.fit(
-        views[:copies], data.y, index, settings.trunk_epochs, settings.seed, progress, desc
+        views[: 1 + len(data.X_aug)],
+        data.y,
+        index,
+        settings.trunk_epochs,
+        settings.seed,
+        progress,
+        desc,
     )
     # by the exported graph as OpenCV runs it: the model's own code, and four times faster here
-    served = features.Trunk(trained.onnx)
-    embedded = _embed(served, views[:copies])
-    columns = np.arange(data.X.shape[1], data.X.shape[1] + served.width)
+    full, X_shifted = with_embedding(prepared, index, features.Trunk(trained.onnx), shifted)
+    return WithTrunk(full, X_shifted, trained, network)
+
+
+def with_embedding(
+    prepared: Prepared, index: np.ndarray | None, embedder, shifted: bool = True
+) -> tuple[modeling.TrainingSet, np.ndarray]:
+    """The descriptors of every film and copy and (with `shifted`) panel shift, with the
+    embedding of their trunk inputs by `embedder` (`.width`, `.embed(inputs)`: a
+    `features.Trunk`) appended, learnt from the films at `index`. A fold's model scores only its
+    held-out films under the panel, so the other films' shifted views are not embedded: their
+    rows are NaN."""
+    views, data = prepared.views, prepared.data
+    copies, n = 1 + len(data.X_aug), len(data.y)
+    embedded = _embed(embedder, views[:copies])
+    columns = np.arange(data.X.shape[1], data.X.shape[1] + embedder.width)
     full = modeling.TrainingSet(
         np.concatenate([data.X, embedded[0]], axis=1),
         data.y,
@@ -403,16 +419,18 @@ def with_trunk(
     X_shifted = prepared.X_shifted
     if shifted:
         held = np.arange(n) if index is None else np.setdiff1d(np.arange(n), index)
-        panel = np.full((len(views) - copies, n, served.width), np.nan, dtype=np.float32)
-        panel[:, held] = _embed(served, views[copies:, held])
+        panel = np.full((len(views) - copies, n, embedder.width), np.nan, dtype=np.float32)
+        panel[:, held] = _embed(embedder, views[copies:, held])
         X_shifted = np.concatenate([X_shifted, panel], axis=2)
-    return WithTrunk(full, X_shifted, trained, network)
+    return full, X_shifted
 
 
-def _embed(served: features.Trunk, views: np.ndarray, batch: int = 64) -> np.ndarray:
+def _embed(embedder, views: np.ndarray, batch: int = 64) -> np.ndarray:
     """The embeddings (views, films, width) of trunk inputs (views, films, side, side)."""
     flat = views.reshape(-1, *views.shape[2:])
-    out = [served.embed(flat[i : i + batch].astype(np.float32)) for i in range(0, len(flat), batch)]
+    out = [
+        embedder.embed(flat[i : i + batch].astype(np.float32)) for i in range(0, len(flat), batch)
+    ]
     return np.concatenate(out).reshape(*views.shape[:2], -1)
 
 
