@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import mlflow
@@ -370,6 +370,15 @@ class WithTrunk:
     network: Network  # the PyTorch network, for the check against the exported graph
 
 
+class Embedder(Protocol):
+    """What turns trunk inputs (n, side, side) into embeddings (n, width): `features.Trunk`."""
+
+    @property
+    def width(self) -> int: ...
+
+    def embed(self, inputs: np.ndarray) -> np.ndarray: ...
+
+
 def with_trunk(
     prepared: Prepared,
     index: np.ndarray | None,
@@ -398,7 +407,7 @@ def with_trunk(
 
 
 def with_embedding(
-    prepared: Prepared, index: np.ndarray | None, embedder, shifted: bool = True
+    prepared: Prepared, index: np.ndarray | None, embedder: Embedder, shifted: bool = True
 ) -> tuple[modeling.TrainingSet, np.ndarray]:
     """The descriptors of every film and copy and (with `shifted`) panel shift, with the
     embedding of their trunk inputs by `embedder` (`.width`, `.embed(inputs)`: a
@@ -425,7 +434,7 @@ def with_embedding(
     return full, X_shifted
 
 
-def _embed(embedder, views: np.ndarray, batch: int = 64) -> np.ndarray:
+def _embed(embedder: Embedder, views: np.ndarray, batch: int = 64) -> np.ndarray:
     """The embeddings (views, films, width) of trunk inputs (views, films, side, side)."""
     flat = views.reshape(-1, *views.shape[2:])
     out = [
