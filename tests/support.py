@@ -20,6 +20,7 @@ import pytest
 
 from hm_mlflow.config import Settings
 from hm_mlflow.embedded import port_free
+from hm_mlflow.readiness import wait_for_every_worker
 
 BIN = Path(sys.executable).parent
 NOTEBOOK = Path(__file__).resolve().parents[1] / "jupyter" / "training_notebook.ipynb"
@@ -151,21 +152,13 @@ def serve(settings, tmp_path: Path, **env) -> tuple[str, subprocess.Popen]:
     return url, process
 
 
-def wait_for_version(url: str, version: str, timeout: float = 60, agree: int = 6) -> dict:
-    """Wait until `agree` /health answers in a row, each on its own connection (so spread over
-    the server's workers), report `version` in service."""
-    deadline = time.monotonic() + timeout
-    in_a_row = 0
-    while time.monotonic() < deadline:
-        health = httpx.get(f"{url}/health").json()
-        if health["model"] and health["model"]["version"] == version:
-            in_a_row += 1
-            if in_a_row >= agree:
-                return health
-            continue
-        in_a_row = 0
-        time.sleep(0.5)
-    raise TimeoutError(f"version {version} not served after {timeout} s: {health}")
+def wait_for_version(url: str, version: str, timeout: float = 60) -> dict:
+    """Wait until every worker of the webapp at `url` serves `version`; its last /health."""
+
+    def serving(health) -> bool:
+        return isinstance(health, dict) and (health["model"] or {}).get("version") == version
+
+    return wait_for_every_worker(f"{url}/health", serving, timeout)
 
 
 S3_KEY, S3_SECRET = "hm-test-key", "hm-test-secret-key"

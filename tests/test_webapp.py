@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from hm_mlflow.dataset import list_split
+from hm_mlflow.readiness import wait_for_every_worker
 from hm_mlflow.train import train
 
 from support import free_port, make_settings, serve, stop, wait_for_version
@@ -32,9 +33,10 @@ def test_model_appears_and_is_swapped_without_a_restart(mlflow_server, sample_ro
     settings = make_settings(mlflow_server)
     url, process = serve(settings, tmp_path)
     try:
-        # No Production model yet: said plainly, on the API and on the page.
-        health = httpx.get(f"{url}/health").json()
-        assert health["model_loaded"] is False
+        # No Production model yet: said plainly, on the API and on the page (once the first
+        # look at the registry is done; until then a request hears that the model is loading).
+        health = wait_for_every_worker(f"{url}/health", lambda h: h["state"] != "loading")
+        assert health["model_loaded"] is False and health["state"] == "no_model"
         image = list_split(sample_root, "val")[0].read_bytes()
         refused = post(url, image)
         assert refused.status_code == 503

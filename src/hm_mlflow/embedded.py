@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hm_mlflow.config import Settings
 from hm_mlflow.interrupt import stop_on_signals
-from hm_mlflow.tracking import fetch
+from hm_mlflow.readiness import NotReady, wait_for_every_worker
 
 BIN = Path(sys.executable).parent  # the environment's console scripts: mlflow, hm-mlflow
 # MLflow 3 starts job consumers for its GenAI features by default: 8 processes and about 2 GB
@@ -68,31 +68,20 @@ class Service:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def wait_healthy(
-        self, timeout: float, ready=lambda body: True, in_a_row: int = 1
-    ) -> dict | str:
-        """Poll the health URL until it answers 200 and `ready(body)` `in_a_row` times running,
-        each on a connection of its own (a server of several workers answers from any of them:
-        one that is ready says nothing of the others); fail fast if the process dies, with the
-        end of its log."""
-        deadline = time.monotonic() + timeout
-        streak = 0
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise PlatformError(
-                    f"{self.name} exited during start-up. End of {self.log_path}:\n"
-                    f"{self.log_tail()}"
-                )
-            body = fetch(self.health_url)
-            if body is not None and ready(body):
-                streak += 1
-                if streak >= in_a_row:
-                    return body
-                time.sleep(0.05)
-                continue
-            streak = 0
-            time.sleep(0.5)
-        raise PlatformError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_path}")
+    def wait_healthy(self, timeout: float, ready=lambda body: True) -> dict | str:
+        """Poll the health URL until every worker of the server answers 200 with
+        `ready(body)` (hm_mlflow.readiness); fail fast if the process dies, with the end of its
+        log."""
+        try:
+            return wait_for_every_worker(self.health_url, ready, timeout, alive=self.running)
+        except NotReady as exc:
+            raise PlatformError(
+                f"{self.name} was not ready after {timeout:.0f} s ({exc}); see {self.log_path}"
+            ) from exc
+        except RuntimeError as exc:
+            raise PlatformError(
+                f"{self.name} exited during start-up. End of {self.log_path}:\n{self.log_tail()}"
+            ) from exc
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM to the whole process group, SIGKILL after `timeout` seconds."""
@@ -255,7 +244,6 @@ class Platform:
             status = self.webapp.wait_healthy(
                 timeout=120,
                 ready=lambda b: isinstance(b, dict) and b.get("model_loaded"),
-                in_a_row=4 * self.settings.n_web_workers,
             )
             model = status["model"]
             self.monitor.start()

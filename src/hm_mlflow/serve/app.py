@@ -58,6 +58,7 @@ from hm_mlflow.serve.limits import (
 )
 from hm_mlflow.serve.loop import loop_routes
 from hm_mlflow.serve.model_holder import (
+    LOADING,
     WITHDRAWN,
     ModelFailure,
     ModelHolder,
@@ -89,6 +90,7 @@ NO_MODEL = (
     "alias '{alias}'. Train one (hm-mlflow train); it is picked up within {seconds:g} s."
 )
 NO_REGISTRY = "No model is loaded: the model registry cannot be reached. Retrying."
+LOADING_MESSAGE = "The model is still loading; try again in a few seconds."
 WITHDRAWN_MESSAGE = (
     "The model has been withdrawn from production (the alias '{alias}' was removed); no "
     "answer is given until a version holds it again."
@@ -262,6 +264,8 @@ def create_app(
             )
         if holder.registry_reachable is False:
             return UploadError(503, NO_REGISTRY, "registry_unreachable")
+        if holder.state == LOADING:
+            return UploadError(503, LOADING_MESSAGE, "loading")
         message = NO_MODEL.format(
             name=settings.model_name, alias=settings.model_alias, seconds=settings.refresh_seconds
         )
@@ -499,6 +503,8 @@ def create_app(
         log_status = recorder.status() if recorder is not None else {"status": "off"}
         found["prediction_log"] = log_status
         found["challenger"] = shadow.version if shadow is not None else None
+        # which worker answered, of how many: hm_mlflow.readiness waits for each of them
+        found["worker"] = {"pid": os.getpid(), "of": settings.n_web_workers}
         if log_status["status"] == "failing":
             found["status"] = "degraded"
         return found

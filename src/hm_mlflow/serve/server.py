@@ -36,6 +36,9 @@ def run(settings: Settings, host: str, port: int, workers: int) -> None:
     # the other workers over the cores.
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")
+    # Each worker reads its settings from the environment: the count it reports in /health
+    # is the one started here, whatever --workers said.
+    os.environ["HM_WEB_WORKERS"] = str(workers)
     # Metrics from every worker, added up at /metrics (prometheus_client's multiprocess mode).
     metrics_dir = tempfile.mkdtemp(prefix="hm-mlflow-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
