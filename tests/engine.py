@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -152,16 +153,27 @@ def project_image(name: str) -> str:
     return f"localhost/hm-mlflow/{name}:{TAG}"
 
 
+def stages(dockerfile: Path) -> list[str]:
+    """The named stages of a Dockerfile (`FROM ... AS name`), in order."""
+    return re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", dockerfile.read_text(), re.I | re.M)
+
+
 def build_project_images(names: list[str] | None = None) -> dict[str, str]:
     """Build the project's images from the repository root, as `docker compose build` does;
-    returns name -> image. Layers are cached by podman between calls."""
+    returns name -> image. Layers are cached by podman between calls, and between these builds
+    and compose's (the same layers, whichever API asked)."""
     built = {}
     for name in names or list(IMAGES):
-        build(project_image(name), REPO / IMAGES[name], REPO)
+        dockerfile = REPO / IMAGES[name]
+        # Each named stage (the venv's `build`) tagged too: an untagged stage is a dangling
+        # image, and the prune below would take the cache of every later build with it.
+        for stage in stages(dockerfile):
+            build(project_image(f"{name}-{stage}"), dockerfile, REPO, "--target", stage)
+        build(project_image(name), dockerfile, REPO)
         built[name] = project_image(name)
-    # The images these tags named before, untagged by the new builds: several GB a run once the
-    # code changes, which fill a developer's disk in a few runs (the current images' layers,
-    # which the next build reuses, stay).
+    # What these tags named before, untagged by the new builds: several GB a run once the code
+    # changes, which fill a developer's disk in a few runs. The current images and their
+    # stages, which the next build reuses, are tagged and stay.
     podman("image", "prune", "--force", check=False)
     return built
 
