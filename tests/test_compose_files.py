@@ -190,3 +190,22 @@ def test_duplicated_pins_agree():
         if line and not line.startswith("#")
     ]
     assert set(buckets) <= set(extras["test"])
+
+
+def test_the_notebook_image_builds_on_the_training_images_layers():
+    """jupyter's build stage repeats model's instruction for instruction, then adds the
+    notebook extra: a build of both installs PyTorch once (the layers are cached by content)."""
+
+    def build_stage(path: str) -> list[str]:
+        text = (REPO / path).read_text().replace("\\\n", " ")
+        lines = [" ".join(line.split()) for line in text.splitlines()]
+        lines = [line for line in lines if line and not line.startswith("#")]
+        return lines[: next(i for i, line in enumerate(lines[1:], 1) if line.startswith("FROM "))]
+
+    model, jupyter = (
+        build_stage("model/Dockerfile-model"),
+        build_stage("jupyter/Dockerfile-jupyter"),
+    )
+    assert jupyter[: len(model)] == model
+    added = jupyter[len(model) :]
+    assert len(added) == 1 and '".[notebook]"' in added[0]
