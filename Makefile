@@ -44,12 +44,8 @@ $(CHECKOV): .ci/checkov-constraints.txt
 up: $(STAMP)  ## run MLflow + the webapp on this machine (Ctrl-C stops both)
 	$(BIN)/hm-mlflow up
 
-# Two pytest-xdist workers: the container-engine tests on one while the other takes the rest
-# (tests/conftest.py says how they are shared). PYTEST_WORKERS= runs them all in one process.
-PYTEST_WORKERS ?= -n 2 --dist loadgroup --no-loadscope-reorder
-
 test: lint $(COMPOSE) $(CHECKOV)  ## lint, then the whole test suite
-	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff: lint rules and formatting
 	$(BIN)/ruff check .

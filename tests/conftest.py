@@ -23,18 +23,6 @@ from support import (
 )
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """How `make test` shares the tests between its two pytest-xdist workers (`-n 2 --dist
-    loadgroup`): a module's tests stay together (its module fixtures are made once), and the
-    container-engine tests, marked `xdist_group("engine")`, form one unit, run first: the
-    longest of the run, it starts at once while the other worker takes the rest in order."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group").args[0] != "engine")
-
-
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """A small synthetic data set in the Kaggle layout (80 train, 16 val, 26 test)."""

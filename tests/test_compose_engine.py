@@ -29,8 +29,7 @@ import engine
 from compose_engine import HealthChecks, PodmanService, Project
 from support import LOGGED_SCRIPT, QUICK_TRAINING, wait_for_version, wait_until
 
-# podman serves one stack at a time: these tests share one pytest-xdist worker (conftest.py)
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("engine")]
+pytestmark = pytest.mark.integration
 MODEL = "chest-xray-pneumonia"  # HM_MODEL_NAME in .env.example
 HOST = "127.0.0.1"  # where .env.example publishes every port
 

@@ -26,8 +26,7 @@ from ecs_stack import DOMAIN, S3_KEY, S3_PORT, S3_SECRET, WEBAPP_KEY, WEBAPP_SEC
 from process_stack import can_run, fresh_workdir
 from support import BIN, NOTEBOOK, QUICK_TRAINING, executed_text, wait_until
 
-# podman serves one stack at a time: these tests share one pytest-xdist worker (conftest.py)
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("engine")]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,7 @@ import stand_ins
 from ecs_stack import expose_declared_volume, new_bind_mount
 from support import wait_for_version
 
-# podman serves one stack at a time: these tests share one pytest-xdist worker (conftest.py)
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("engine")]
+pytestmark = pytest.mark.integration
 READ_ONLY = ["--read-only", "--read-only-tmpfs=false"]  # as ECS: nothing writable but volumes
 
 

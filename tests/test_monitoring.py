@@ -168,8 +168,7 @@ def test_the_recorder_never_blocks_and_loses_nothing_while_the_database_is_down(
         started = time.perf_counter()
         for _ in range(20):
             assert recorder.record(record())
-        # handed over, not written: one write would wait out the 2 s connect timeout
-        assert time.perf_counter() - started < 0.5
+        assert time.perf_counter() - started < 0.05  # handed over, not written
         deadline = time.monotonic() + 30
         while recorder.status()["status"] != "failing" and time.monotonic() < deadline:
             time.sleep(0.2)
