@@ -34,7 +34,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.cluster import KMeans
 
-from hm_mlflow import features, modeling, train
+from hm_mlflow import extraction, features, modeling, train
 from hm_mlflow.config import Settings
 from hm_mlflow.dataset import list_split
 from hm_mlflow.metrics import binary_metrics
@@ -126,7 +126,7 @@ def main() -> None:
     started = time.perf_counter()
     prepared = train.prepare(args.data, settings, progress=False)
     val = list_split(args.data, "val")
-    val_x = train.extract_features(val, settings.n_workers, trunk=True, progress=False)
+    val_x = extraction.extract_features(val, settings.n_workers, trunk=True, progress=False)
     y_val = np.array([s.label for s in val])
     print(
         f"prepared {len(prepared.y)} films and {len(val)} val films in "

@@ -8,9 +8,9 @@ import pytest
 
 from hm_mlflow.augment import CROP_HEIGHT, CROP_WIDTH, augment
 from hm_mlflow.dataset import list_split
+from hm_mlflow.extraction import extract_features
 from hm_mlflow.shifts import PANEL
 from hm_mlflow.synthetic import make_film
-from hm_mlflow.train import extract_features
 
 
 @pytest.fixture(scope="module")
