@@ -11,7 +11,6 @@ import cv2
 import mlflow
 import numpy as np
 import pandas as pd
-import skops.io
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -70,6 +69,8 @@ def log_model(
     (the training films' summaries, hm_mlflow.monitoring.reference) goes with it for drift;
     `trunk` (an ONNX graph, hm_mlflow.trunk) is the learned representation the features append.
     """
+    import skops.io  # seconds to import (it lists scikit-learn's types): imported here only
+
     with tempfile.TemporaryDirectory() as tmp:
         estimator_path = Path(tmp) / "estimator.skops"
         skops.io.dump(estimator, estimator_path, compression=zipfile.ZIP_DEFLATED)
