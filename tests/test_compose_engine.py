@@ -105,7 +105,7 @@ def uid(project: Project, service: str) -> str:
 
 @pytest.mark.timeout(3600)  # the first `up --build` builds five images
 def test_compose_up_build_as_the_readme_says(podman_engine, sample_root):
-    project = Project("hmcompose", {"HM_FIRST_MODEL": "train", **QUICK_TRAINING})
+    project = Project("hmcompose", QUICK_TRAINING)
     source = project.dir / "source" / "chest_xray"
     write_sample_set(source, n_train=60, seed=5)  # the user's data, where source/README.md says
     try:
@@ -132,16 +132,12 @@ def test_compose_up_build_as_the_readme_says(podman_engine, sample_root):
             reader.list_objects_v2(Bucket="mlflow")
         assert "reader: reads datasource, writes nowhere" in project.logs("create-buckets")
 
-        # MLflow on the published port, behind its host check; the first model trained on
-        # the bucket by bootstrap.
+        # MLflow on the published port, behind its host check; the first model, the bundled
+        # one, registered by bootstrap (.env.example's HM_FIRST_MODEL=bundled).
         assert mlflow_api("experiments/search", max_results=1).status_code == 200
         elsewhere = mlflow_api("experiments/search", host="evil.example", max_results=1)
         assert elsewhere.status_code == 403
-        alias = mlflow_api("registered-models/alias", name=MODEL, alias="production").json()
-        run = mlflow_api("runs/get", run_id=alias["model_version"]["run_id"]).json()["run"]
-        assert {t["key"]: t["value"] for t in run["data"]["tags"]}["hm.data_root"] == (
-            "s3://datasource/chest_xray"
-        )
+        assert "Registered the bundled model" in project.logs("bootstrap")
 
         # Someone uploads an X-ray on the published port; the answer is logged, its film kept.
         film = list_split(sample_root, "test")[0]
@@ -176,10 +172,15 @@ def test_compose_up_build_as_the_readme_says(podman_engine, sample_root):
         once = project.exec("monitor", "hm-mlflow", "monitor")
         assert "version 1: monitoring run" in once.stdout, once.stdout + once.stderr
 
-        # docker compose --profile train up trainer: a second version, trained and judged
+        # docker compose --profile train up trainer: a second version, trained on the bucket
+        # and judged (the gate keeps the bundled model, trained on real films, in service)
         project.compose("--profile", "train", "up", "-d", "trainer")
         assert project.wait_exit("trainer") == 0, project.logs("trainer")
         assert versions() == [1, 2]
+        second = mlflow_api("model-versions/get", name=MODEL, version="2").json()
+        run = mlflow_api("runs/get", run_id=second["model_version"]["run_id"]).json()["run"]
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["hm.data_root"] == "s3://datasource/chest_xray"
 
         # docker compose --profile notebook up jupyter: JupyterLab as the host user (uid
         # 1000 owns the checkout, as on a laptop), its token, the notebook run inside it.
