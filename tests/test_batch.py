@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from hm_mlflow import dataset
+from hm_mlflow.batch import CHUNK
 from hm_mlflow.cli import cli
 from hm_mlflow.monitoring.store import PredictionLog
 
@@ -201,7 +203,7 @@ def predict_merge(*args: str) -> str:
 def test_an_interrupted_s3_run_resumes_with_nothing_twice_and_nothing_lost(
     env, s3_server, tmp_path
 ):
-    """A few hundred films on a real S3 API, CSV out on S3: Ctrl-C midway publishes what was
+    """Over 800 films on a real S3 API, CSV out on S3: Ctrl-C midway publishes what was
     scored; the second run scores the rest only."""
     import signal
     import subprocess
@@ -219,9 +221,18 @@ def test_an_interrupted_s3_run_resumes_with_nothing_twice_and_nothing_lost(
     for path in (p for p in root.rglob("*") if p.suffix in {".jpeg", ".jpg", ".png"}):
         client.upload_file(str(path), bucket, f"films/{path.relative_to(root).as_posix()}")
         total += 1
+    # More copies under other keys (server-side, cheap), so that over two chunks (CHUNK)
+    # remain when the first is done: the Ctrl-C sent then lands while films are left, however
+    # fast this machine scores the second chunk (a run of 337 films here once finished it).
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="films/")["Contents"]
+    for i in range(500):
+        key = listed[i % len(listed)]["Key"]
+        client.copy_object(Bucket=bucket, CopySource={"Bucket": bucket, "Key": key},
+                           Key=f"films/copies/{i}-{key.rsplit('/', 1)[-1]}")  # fmt: skip
+        total += 1
     client.put_object(Bucket=bucket, Key="films/broken.png", Body=b"\x89PNG\r\n\x1a\n")
     total += 1
-    assert total > 300
+    assert total > 3 * CHUNK
     out = f"s3://{bucket}/scores.csv"
     argv = [str(BIN / "hm-mlflow"), "predict", "--data", f"s3://{bucket}/films", "--out", out,
             "--no-log"]  # fmt: skip
@@ -229,7 +240,11 @@ def test_an_interrupted_s3_run_resumes_with_nothing_twice_and_nothing_lost(
     first = subprocess.Popen(argv, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     seen = b""
-    while b"256" not in seen and first.poll() is None:  # tqdm's count passes the first chunk
+
+    def counted() -> int:  # tqdm's count of films done: "256 films [00:02, 110.35 films/s]"
+        return max((int(n) for n in re.findall(rb"(\d+) films \[", seen)), default=0)
+
+    while counted() < CHUNK and first.poll() is None:  # the first chunk is done
         assert time.monotonic() < deadline, seen[-2000:]
         seen += first.stderr.read1(4096)
     first.send_signal(signal.SIGINT)
@@ -237,7 +252,7 @@ def test_an_interrupted_s3_run_resumes_with_nothing_twice_and_nothing_lost(
     local = tmp_path / "scores.csv"
     client.download_file(bucket, "scores.csv", str(local))
     partial = read_csv(local)
-    assert 256 <= len(partial) < total  # interrupted midway, what was scored published
+    assert CHUNK <= len(partial) < total  # interrupted midway, what was scored published
 
     second = subprocess.run(argv, env=process_env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
