@@ -43,11 +43,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
-import httpx
 import numpy as np
 
 from hm_mlflow.config import Settings
 from hm_mlflow.dataset import list_split
+from hm_mlflow.readiness import NotReady, wait_for_every_worker
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 BIN = Path(sys.executable).parent
@@ -185,13 +185,11 @@ def throughput(url: str, payloads: list[tuple[str, bytes]], duration: int, tmp: 
 
 
 def wait_for_challenger(url: str, version: str, timeout: float = 60) -> None:
-    """Until every worker follows the challenger (each /health on its own connection)."""
-    deadline, in_a_row = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline and in_a_row < 6:
-        in_a_row = in_a_row + 1 if httpx.get(f"{url}/health").json()["challenger"] == version else 0
-        time.sleep(0.2)
-    if in_a_row < 6:
-        raise SystemExit("the challenger was not loaded")
+    """Until every worker follows the challenger."""
+    try:
+        wait_for_every_worker(f"{url}/health", lambda b: b["challenger"] == version, timeout)
+    except NotReady as exc:
+        raise SystemExit(f"the challenger was not loaded: {exc}") from exc
 
 
 def train_model(
@@ -257,16 +255,15 @@ def serving(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("the webapp did not become ready")
+        try:  # every worker with its model: a request on any of them is answered
+            wait_for_every_worker(
+                f"{url}/health",
+                lambda b: isinstance(b, dict) and b.get("model_loaded"),
+                timeout=120,
+                alive=lambda: server.poll() is None,
+            )
+        except (NotReady, RuntimeError) as exc:
+            raise SystemExit(f"the webapp did not become ready: {exc}") from exc
         yield url
     finally:
         os.killpg(server.pid, 15)

@@ -50,6 +50,7 @@ from hm_mlflow.evaluate import evaluate_samples
 from hm_mlflow.monitoring import drift, reviewers
 from hm_mlflow.monitoring.reference import from_arrays
 from hm_mlflow.monitoring.store import PredictionLog
+from hm_mlflow.readiness import NotReady, wait_for_every_worker
 from hm_mlflow.shifts import grid_lines, log_curve, zoom
 from hm_mlflow.train import train
 
@@ -122,16 +123,17 @@ def serve(settings: Settings, env: dict, log: Path) -> tuple[str, subprocess.Pop
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return url, process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.terminate()
-    raise SystemExit(f"the webapp did not start; see {log}")
+    try:  # every worker with its model (hm_mlflow.readiness)
+        wait_for_every_worker(
+            f"{url}/health",
+            lambda b: isinstance(b, dict) and b.get("model_loaded"),
+            timeout=120,
+            alive=lambda: process.poll() is None,
+        )
+    except (NotReady, RuntimeError) as exc:
+        process.terminate()
+        raise SystemExit(f"the webapp did not start ({exc}); see {log}") from exc
+    return url, process
 
 
 def post_all(url: str, films: list[Sample]) -> dict[str, str]:
