@@ -47,7 +47,7 @@ import numpy as np
 
 from hm_mlflow.config import Settings
 from hm_mlflow.dataset import list_split
-from hm_mlflow.readiness import NotReady, wait_for_every_worker
+from hm_mlflow.readiness import NotReady, has_model, wait_for_every_worker
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 BIN = Path(sys.executable).parent
@@ -258,7 +258,7 @@ def serving(
         try:  # every worker with its model: a request on any of them is answered
             wait_for_every_worker(
                 f"{url}/health",
-                lambda b: isinstance(b, dict) and b.get("model_loaded"),
+                has_model,
                 timeout=120,
                 alive=lambda: server.poll() is None,
             )

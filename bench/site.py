@@ -50,7 +50,7 @@ from hm_mlflow.evaluate import evaluate_samples
 from hm_mlflow.monitoring import drift, reviewers
 from hm_mlflow.monitoring.reference import from_arrays
 from hm_mlflow.monitoring.store import PredictionLog
-from hm_mlflow.readiness import NotReady, wait_for_every_worker
+from hm_mlflow.readiness import NotReady, has_model, wait_for_every_worker
 from hm_mlflow.shifts import grid_lines, log_curve, zoom
 from hm_mlflow.train import train
 
@@ -126,7 +126,7 @@ def serve(settings: Settings, env: dict, log: Path) -> tuple[str, subprocess.Pop
     try:  # every worker with its model (hm_mlflow.readiness)
         wait_for_every_worker(
             f"{url}/health",
-            lambda b: isinstance(b, dict) and b.get("model_loaded"),
+            has_model,
             timeout=120,
             alive=lambda: process.poll() is None,
         )

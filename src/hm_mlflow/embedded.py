@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hm_mlflow.config import Settings
 from hm_mlflow.interrupt import stop_on_signals
-from hm_mlflow.readiness import NotReady, wait_for_every_worker
+from hm_mlflow.readiness import NotReady, has_model, wait_for_every_worker
 
 BIN = Path(sys.executable).parent  # the environment's console scripts: mlflow, hm-mlflow
 # MLflow 3 starts job consumers for its GenAI features by default: 8 processes and about 2 GB
@@ -243,7 +243,7 @@ class Platform:
             self.webapp.start()
             status = self.webapp.wait_healthy(
                 timeout=120,
-                ready=lambda b: isinstance(b, dict) and b.get("model_loaded"),
+                ready=has_model,
             )
             model = status["model"]
             self.monitor.start()

@@ -20,6 +20,11 @@ class NotReady(TimeoutError):
     """Not every worker was ready in time; the message says how many were."""
 
 
+def has_model(body: dict | str | None) -> bool:
+    """A webapp's /health answer from a worker that has its model loaded."""
+    return isinstance(body, dict) and bool(body.get("model_loaded"))
+
+
 def worker_of(body: dict | str | None) -> tuple[object, int]:
     """Which worker answered and how many the server has, as its /health says; a server that
     does not say (MLflow's "OK") counts as one worker."""
