@@ -77,12 +77,28 @@ def s3(project: Project, user: str, password: str):
     )
 
 
-def logged(project: Project, prediction_id: str) -> dict | None:
+def logged(project: Project, prediction_id: str, timeout: float = 120) -> dict:
     """The answer's row in the prediction log, read inside the webapp's container with its own
-    settings (the database is on the compose network only)."""
-    done = project.exec("webapp", "python", "-c", LOGGED_SCRIPT, prediction_id, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    settings (the database is on the compose network only), once it is there.
+
+    Retried as the webapp's own writer retries: CI once saw `could not translate host name
+    "postgres"` seconds after `down` and `up`, while Debian 12's aardvark-dns (1.4) reloads its
+    records at each container start. What the last try printed is in the failure."""
+    last: list[str] = []
+
+    def row() -> dict | None:
+        done = project.exec("webapp", "python", "-c", LOGGED_SCRIPT, prediction_id, timeout=120)
+        last[:] = [done.stderr[-2000:]]
+        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+
+    try:
+        return wait_until(row, timeout=timeout)
+    except AssertionError:
+        names = project.exec("webapp", "getent", "hosts", "postgres", timeout=30)
+        raise AssertionError(
+            f"no row for {prediction_id} in {timeout:.0f} s; getent hosts postgres: "
+            f"{names.returncode} {names.stdout.strip()!r}; last try: {last[0] if last else ''}"
+        ) from None
 
 
 def up_build(project: Project) -> None:
@@ -150,7 +166,7 @@ def test_compose_up_build_as_the_readme_says(podman_engine, sample_root):
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"] == {"name": MODEL, "version": "1"}
         prediction_id = answer.json()["prediction_id"]
-        row = wait_until(lambda: logged(project, prediction_id), timeout=60)
+        row = logged(project, prediction_id)
         assert row["site"] == "compose-site" and row["model_version"] == "1"
         bucket, _, key = row["film"].removeprefix("s3://").partition("/")
         assert bucket == "datasource" and key.startswith("feedback/films/")
@@ -227,6 +243,15 @@ def test_compose_up_build_as_the_readme_says(podman_engine, sample_root):
         assert root.list_objects_v2(Bucket="datasource", Prefix="chest_xray/train/")["KeyCount"]
         assert logged(project, prediction_id)["site"] == "compose-site"
         assert wait_for_version(f"http://{HOST}:8080", production(), timeout=180)["status"] == "ok"
+        # and the webapp's writer reaches the database again: a new answer is logged
+        again = httpx.post(
+            f"http://{HOST}:8080/api/predict",
+            files={"file": (film.name, film.read_bytes())},
+            data={"site": "after-restart"},
+            timeout=60,
+        )
+        assert again.status_code == 200, again.text
+        assert logged(project, again.json()["prediction_id"])["site"] == "after-restart"
     finally:
         project.close()
 
