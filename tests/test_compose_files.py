@@ -193,19 +193,18 @@ def test_duplicated_pins_agree():
 
 
 def test_the_notebook_image_builds_on_the_training_images_layers():
-    """jupyter's build stage repeats model's instruction for instruction, then adds the
-    notebook extra: a build of both installs PyTorch once (the layers are cached by content)."""
+    """jupyter's Dockerfile repeats model's instruction for instruction up to the install of the
+    train extra, then installs the notebook extra in a step of its own: a build of both
+    installs PyTorch once, and the two images share those layers (cached by content)."""
 
-    def build_stage(path: str) -> list[str]:
+    def instructions(path: str) -> list[str]:
         text = (REPO / path).read_text().replace("\\\n", " ")
         lines = [" ".join(line.split()) for line in text.splitlines()]
-        lines = [line for line in lines if line and not line.startswith("#")]
-        return lines[: next(i for i, line in enumerate(lines[1:], 1) if line.startswith("FROM "))]
+        return [line for line in lines if line and not line.startswith("#")]
 
-    model, jupyter = (
-        build_stage("model/Dockerfile-model"),
-        build_stage("jupyter/Dockerfile-jupyter"),
-    )
-    assert jupyter[: len(model)] == model
-    added = jupyter[len(model) :]
-    assert len(added) == 1 and '".[notebook]"' in added[0]
+    model = instructions("model/Dockerfile-model")
+    jupyter = instructions("jupyter/Dockerfile-jupyter")
+    shared = next(i for i, line in enumerate(model) if '".[train]"' in line) + 1
+    assert sum(line.startswith("FROM ") for line in model + jupyter) == 2  # one stage each
+    assert jupyter[:shared] == model[:shared]
+    assert '".[notebook]"' in jupyter[shared] and jupyter[shared].startswith("RUN ")
