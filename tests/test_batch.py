@@ -237,7 +237,14 @@ def test_an_interrupted_s3_run_resumes_with_nothing_twice_and_nothing_lost(
     argv = [str(BIN / "hm-mlflow"), "predict", "--data", f"s3://{bucket}/films", "--out", out,
             "--no-log"]  # fmt: skip
     process_env = {**os.environ, **s3_env(s3_server)}
-    first = subprocess.Popen(argv, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    # Started with SIGINT ignored, as a CI runner or a shell's background job starts it (CI's
+    # run once scored all 837 films through its Ctrl-C): the command must still stop in order.
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    first = subprocess.Popen(argv, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=ignore_sigint)  # fmt: skip
     deadline = time.monotonic() + 300
     seen = b""
 
@@ -247,8 +254,10 @@ def test_an_interrupted_s3_run_resumes_with_nothing_twice_and_nothing_lost(
     while counted() < CHUNK and first.poll() is None:  # the first chunk is done
         assert time.monotonic() < deadline, seen[-2000:]
         seen += first.stderr.read1(4096)
+    assert first.poll() is None, f"finished before the interrupt: {seen[-2000:]!r}"
     first.send_signal(signal.SIGINT)
-    first.wait(120)
+    assert first.wait(120) == 130, first.stderr.read()[-2000:]
+    assert b"Interrupted: what was scored is in" in seen + first.stderr.read()
     local = tmp_path / "scores.csv"
     client.download_file(bucket, "scores.csv", str(local))
     partial = read_csv(local)

@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -101,6 +102,13 @@ def _fetch(path: str) -> tuple[str, bytes | Exception]:
 def _fetcher() -> ThreadPoolExecutor:
     """This process's threads for S3 GETs (made after the fork, in each worker)."""
     return ThreadPoolExecutor(GROUP)
+
+
+def _start_worker() -> None:
+    """A forked worker: its own S3 client, and SIGTERM (the pool's terminate) ends it at once
+    rather than raising the parent's orderly KeyboardInterrupt in it."""
+    _s3.cache_clear()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _score_group(films: list[str]) -> list[dict | None]:
@@ -350,7 +358,7 @@ def score_batch(
     started = time.perf_counter()
     pool = None
     if workers > 1:  # forked after the model is loaded: the workers share its memory
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_s3.cache_clear)
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker)
     try:
         index, shards = shard
         films = iter_films(root)

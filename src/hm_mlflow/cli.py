@@ -364,6 +364,11 @@ def predict(
         out = f"{out}{part_name(shard, shards, part_format)}"
     elif shards > 1:
         raise click.BadParameter("with --shards, a prefix ending in /", param_hint="--out")
+    from hm_mlflow.interrupt import stop_on_signals
+
+    # Ctrl-C, and the SIGTERM that AWS Batch sends a cancelled job, stop it in order: what was
+    # scored is published (even when SIGINT was inherited as ignored, as in a background job)
+    stop_on_signals()
     try:
         summary = run(
             data, out, model_uri, workers, site,
@@ -371,6 +376,10 @@ def predict(
         )  # fmt: skip
     except BatchError as exc:
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted: what was scored is in {out}; the same command scores the rest.",
+                   err=True)  # fmt: skip
+        sys.exit(130)
     click.echo(_batch_line(summary, out))
 
 
