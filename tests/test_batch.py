@@ -211,7 +211,7 @@ def test_an_interrupted_s3_run_resumes_with_nothing_twice_and_nothing_lost(
 
     from hm_mlflow.synthetic import write_sample_set
 
-    from support import BIN
+    from support import BIN, start
 
     root = write_sample_set(tmp_path / "many", n_train=240, seed=11)
     bucket = f"many-{uuid.uuid4().hex[:8]}"
@@ -237,27 +237,22 @@ def test_an_interrupted_s3_run_resumes_with_nothing_twice_and_nothing_lost(
     argv = [str(BIN / "hm-mlflow"), "predict", "--data", f"s3://{bucket}/films", "--out", out,
             "--no-log"]  # fmt: skip
     process_env = {**os.environ, **s3_env(s3_server)}
-
     # Started with SIGINT ignored, as a CI runner or a shell's background job starts it (CI's
     # run once scored all 837 films through its Ctrl-C): the command must still stop in order.
-    def ignore_sigint() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    first = subprocess.Popen(argv, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             preexec_fn=ignore_sigint)  # fmt: skip
+    log = tmp_path / "first.log"
+    first = start(argv, log, process_env, ignore_sigint=True)
     deadline = time.monotonic() + 300
-    seen = b""
 
     def counted() -> int:  # tqdm's count of films done: "256 films [00:02, 110.35 films/s]"
-        return max((int(n) for n in re.findall(rb"(\d+) films \[", seen)), default=0)
+        return max((int(n) for n in re.findall(rb"(\d+) films \[", log.read_bytes())), default=0)
 
     while counted() < CHUNK and first.poll() is None:  # the first chunk is done
-        assert time.monotonic() < deadline, seen[-2000:]
-        seen += first.stderr.read1(4096)
-    assert first.poll() is None, f"finished before the interrupt: {seen[-2000:]!r}"
+        assert time.monotonic() < deadline, log.read_bytes()[-2000:]
+        time.sleep(0.05)
+    assert first.poll() is None, f"finished before the interrupt: {log.read_bytes()[-2000:]!r}"
     first.send_signal(signal.SIGINT)
-    assert first.wait(120) == 130, first.stderr.read()[-2000:]
-    assert b"Interrupted: what was scored is in" in seen + first.stderr.read()
+    assert first.wait(120) == 130, log.read_bytes()[-2000:]
+    assert b"Interrupted: what was scored is in" in log.read_bytes()
     local = tmp_path / "scores.csv"
     client.download_file(bucket, "scores.csv", str(local))
     partial = read_csv(local)
