@@ -157,13 +157,18 @@ def test_compose_up_build_as_the_readme_says(podman_engine, sample_root):
 
         # Someone uploads an X-ray on the published port; the answer is logged, its film kept.
         film = list_split(sample_root, "test")[0]
-        answer = httpx.post(
-            f"http://{HOST}:8080/api/predict",
-            files={"file": (film.name, film.read_bytes())},
-            data={"site": "compose-site"},
-            timeout=60,
-        )
-        assert answer.status_code == 200, answer.text
+
+        def upload(site: str) -> httpx.Response:
+            answer = httpx.post(
+                f"http://{HOST}:8080/api/predict",
+                files={"file": (film.name, film.read_bytes())},
+                data={"site": site},
+                timeout=60,
+            )
+            assert answer.status_code == 200, answer.text
+            return answer
+
+        answer = upload("compose-site")
         assert answer.json()["model"] == {"name": MODEL, "version": "1"}
         prediction_id = answer.json()["prediction_id"]
         row = logged(project, prediction_id)
@@ -244,13 +249,7 @@ def test_compose_up_build_as_the_readme_says(podman_engine, sample_root):
         assert logged(project, prediction_id)["site"] == "compose-site"
         assert wait_for_version(f"http://{HOST}:8080", production(), timeout=180)["status"] == "ok"
         # and the webapp's writer reaches the database again: a new answer is logged
-        again = httpx.post(
-            f"http://{HOST}:8080/api/predict",
-            files={"file": (film.name, film.read_bytes())},
-            data={"site": "after-restart"},
-            timeout=60,
-        )
-        assert again.status_code == 200, again.text
+        again = upload("after-restart")
         assert logged(project, again.json()["prediction_id"])["site"] == "after-restart"
     finally:
         project.close()
