@@ -130,7 +130,7 @@ def train(
     promote if better."""
     _require_extra("train", "matplotlib", "mlflow.data")
     parsed = _parse_params(params)
-    from hm_mlflow.interrupt import INTERRUPTED, stop_on_signals
+    from hm_mlflow.interrupt import orderly_stop
     from hm_mlflow.train import train as run_training
     from hm_mlflow.train import training_data
 
@@ -139,8 +139,8 @@ def train(
         return
     if str(data or settings.data_dir).startswith("s3://"):
         _require_extra("train", "boto3")
-    stop_on_signals()  # Ctrl-C or SIGTERM: the run is marked KILLED, nothing is half-written
-    try:
+    # Ctrl-C or SIGTERM: the run is marked KILLED, nothing is half-written
+    with orderly_stop("Interrupted: the training run, if it had started, is marked KILLED."):
         data = training_data(data, settings, sample_if_empty)
         result = run_training(
             data,
@@ -150,15 +150,6 @@ def train(
             params=parsed,
             feedback=not no_feedback,
         )
-    except BaseException as exc:
-        if INTERRUPTED.is_set():  # whatever broke after a stop signal broke because of it
-            click.echo(
-                "Interrupted: the training run, if it had started, is marked KILLED.", err=True
-            )
-            sys.exit(130)
-        if isinstance(exc, KeyboardInterrupt):
-            sys.exit(130)
-        raise
     shown = {
         k: round(v, 4)
         for k, v in result.metrics.items()
@@ -364,22 +355,19 @@ def predict(
         out = f"{out}{part_name(shard, shards, part_format)}"
     elif shards > 1:
         raise click.BadParameter("with --shards, a prefix ending in /", param_hint="--out")
-    from hm_mlflow.interrupt import stop_on_signals
+    from hm_mlflow.interrupt import orderly_stop
 
     # Ctrl-C, and the SIGTERM that AWS Batch sends a cancelled job, stop it in order: what was
     # scored is published (even when SIGINT was inherited as ignored, as in a background job)
-    stop_on_signals()
-    try:
-        summary = run(
-            data, out, model_uri, workers, site,
-            log_predictions=not no_log, shard=(shard, shards), log_run=not no_run,
-        )  # fmt: skip
-    except BatchError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except KeyboardInterrupt:
-        click.echo(f"Interrupted: what was scored is in {out}; the same command scores the rest.",
-                   err=True)  # fmt: skip
-        sys.exit(130)
+    stopped = f"Interrupted: what was scored is in {out}; the same command scores the rest."
+    with orderly_stop(stopped):
+        try:
+            summary = run(
+                data, out, model_uri, workers, site,
+                log_predictions=not no_log, shard=(shard, shards), log_run=not no_run,
+            )  # fmt: skip
+        except BatchError as exc:
+            raise click.ClickException(str(exc)) from exc
     click.echo(_batch_line(summary, out))
 
 

@@ -9,8 +9,11 @@ or promote a model.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import threading
+from collections.abc import Iterator
 
 INTERRUPTED = threading.Event()
 """Set once a stop signal arrived (errors that follow it are the interruption's, not bugs)."""
@@ -36,3 +39,17 @@ def check() -> None:
     handler raised."""
     if INTERRUPTED.is_set():
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def orderly_stop(message: str) -> Iterator[None]:
+    """A command's body, stopped in order by Ctrl-C or SIGTERM: `message` on stderr and exit
+    code 130, also when what broke broke because of the signal (an error raised after it)."""
+    stop_on_signals()
+    try:
+        yield
+    except BaseException as exc:
+        if INTERRUPTED.is_set() or isinstance(exc, KeyboardInterrupt):
+            print(message, file=sys.stderr)
+            sys.exit(130)
+        raise
