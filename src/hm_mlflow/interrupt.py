@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM, handled the same orderly way by the platform and by a training run.
+"""Ctrl-C and SIGTERM, handled the same orderly way by the platform, training and batch scoring.
 
 The handler raises KeyboardInterrupt, but Python can lose that exception: a signal that arrives
 while a finaliser (`__del__`, a weakref callback) or a library's catch-all runs is printed as
