@@ -18,27 +18,46 @@ help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 # PyTorch (the train extra) is pinned to its CPU build, which PyTorch's own index serves, not
-# PyPI; pip asks that index too unless a local wheel folder already holds the wheel.
-TORCH_WHEEL := $(wildcard $(PIP_FIND_LINKS)/torch-2.13.0+cpu-*.whl /opt/wheels/torch-2.13.0+cpu-*.whl)
-TORCH_INDEX ?= $(if $(TORCH_WHEEL),,--extra-index-url https://download.pytorch.org/whl/cpu)
+# PyPI: its page of torch wheels is a --find-links source, unless a local wheel folder already
+# holds the wheel. (A page of links, not an extra index: uv would take every package that index
+# also serves, numpy and pillow among them, from it alone.)
+TORCH_WHEEL  := $(firstword $(wildcard $(PIP_FIND_LINKS)/torch-2.13.0+cpu-*.whl /opt/wheels/torch-2.13.0+cpu-*.whl))
+TORCH_WHEELS ?= $(if $(TORCH_WHEEL),$(dir $(TORCH_WHEEL)),https://download.pytorch.org/whl/cpu/torch/)
+
+# The environment is installed by uv, which pip puts into it first: in about half pip's time
+# (bench/install.py, README "Quick start"). INSTALLER=pip installs with pip alone; so does a
+# machine where pip finds no uv wheel to install. Bytecode is compiled at install, as pip does:
+# where PYTHONDONTWRITEBYTECODE is set (CI here), Python would otherwise compile every module
+# again in every process it starts.
+INSTALLER  ?= uv
+UV_VERSION := 0.13.9
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "hm-mlflow needs Python 3.11; set PYTHON=python3.11"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade "pip==26.3"
-	$(BIN)/pip install --quiet $(TORCH_INDEX) -c constraints.txt -e ".[dev]"
+	if [ "$(INSTALLER)" = uv ] && $(BIN)/pip install --quiet --only-binary :all: "uv==$(UV_VERSION)"; then \
+	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python --find-links $(TORCH_WHEELS) \
+	    -c constraints.txt -e ".[dev]"; \
+	else \
+	  $(BIN)/pip install --quiet --upgrade "pip==26.3" \
+	  && $(BIN)/pip install --quiet --find-links $(TORCH_WHEELS) -c constraints.txt -e ".[dev]"; \
+	fi
 	touch $@
 
-$(COMPOSE): .ci/docker-compose-constraints.txt
+# The two side environments are installed by the main environment's uv where it has one
+# (checkov: 10 s against pip's 50 s), else by their own pip.
+side-install = $(if $(wildcard $(BIN)/uv),$(BIN)/uv pip install --quiet --compile-bytecode --python $(1)/bin/python,$(1)/bin/pip install --quiet)
+
+$(COMPOSE): .ci/docker-compose-constraints.txt | $(STAMP)
 	test -x .venv-compose/bin/python || $(PYTHON) -m venv .venv-compose
-	.venv-compose/bin/pip install --quiet -c $< "cython<3" wheel setuptools
-	.venv-compose/bin/pip install --quiet -c $< --no-build-isolation pyyaml
-	.venv-compose/bin/pip install --quiet -c $< docker-compose==1.29.2
+	$(call side-install,.venv-compose) -c $< "cython<3" wheel setuptools
+	$(call side-install,.venv-compose) -c $< --no-build-isolation pyyaml
+	$(call side-install,.venv-compose) -c $< docker-compose==1.29.2
 	touch $@
 
-$(CHECKOV): .ci/checkov-constraints.txt
+$(CHECKOV): .ci/checkov-constraints.txt | $(STAMP)
 	test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov
-	.venv-checkov/bin/pip install --quiet -c $< checkov
+	$(call side-install,.venv-checkov) -c $< checkov
 	touch $@
 
 up: $(STAMP)  ## run MLflow + the webapp on this machine (Ctrl-C stops both)
