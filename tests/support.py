@@ -152,11 +152,15 @@ def serve(settings, tmp_path: Path, **env) -> tuple[str, subprocess.Popen]:
     return url, process
 
 
-def wait_for_version(url: str, version: str, timeout: float = 60) -> dict:
-    """Wait until every worker of the webapp at `url` serves `version`; its last /health."""
+def wait_for_version(url: str, version: str, timeout: float = 60, healthy: bool = False) -> dict:
+    """Wait until every worker of the webapp at `url` serves `version`, and with `healthy` says
+    "ok" too (a worker whose last registry call failed says "degraded" until its next refresh
+    succeeds); its last /health."""
 
     def serving(health) -> bool:
-        return isinstance(health, dict) and (health["model"] or {}).get("version") == version
+        if not isinstance(health, dict) or (healthy and health["status"] != "ok"):
+            return False
+        return (health["model"] or {}).get("version") == version
 
     return wait_for_every_worker(f"{url}/health", serving, timeout)
 

@@ -247,7 +247,7 @@ def test_compose_up_build_as_the_readme_says(podman_engine, sample_root):
         assert versions() == [1, 2, 3]
         assert root.list_objects_v2(Bucket="datasource", Prefix="chest_xray/train/")["KeyCount"]
         assert logged(project, prediction_id)["site"] == "compose-site"
-        assert wait_for_version(f"http://{HOST}:8080", production(), timeout=180)["status"] == "ok"
+        wait_for_version(f"http://{HOST}:8080", production(), timeout=180, healthy=True)
         # and the webapp's writer reaches the database again: a new answer is logged
         again = upload("after-restart")
         assert logged(project, again.json()["prediction_id"])["site"] == "after-restart"

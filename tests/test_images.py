@@ -153,7 +153,7 @@ def test_the_images_run_with_a_read_only_root_as_the_task_definitions_say(images
         assert served.returncode == 0, served.stderr
         wait_healthy(webapp, box.logs)
         url = f"http://127.0.0.1:{port}"
-        assert wait_for_version(url, "1", timeout=120)["status"] == "ok"
+        wait_for_version(url, "1", timeout=120, healthy=True)
         film = list_split(sample_root, "test")[0]
         answer = httpx.post(
             f"{url}/api/predict", files={"file": (film.name, film.read_bytes())}, timeout=60
